@@ -1,0 +1,65 @@
+"""``ptscale``: train (the same entry as launchers/train.py) and score saved predictions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_DS = Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None, help="recipe YAML (default: the embedded PT-LoRA recipe)")
+    p.add_argument("--ds", default=str(DEFAULT_DS), help="DeepSpeed JSON; 'auto' values come from the recipe")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. stages.0.lr=1e-3")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ptscale.config import load_recipe
+    from ptscale.training.engine import load_ds_template
+    from ptscale.training.recipe import PTPEFTRecipe
+
+    cfg = load_recipe(args.recipe, args.overrides)  # validated before any model is built
+    ds_template = load_ds_template(args.ds)
+    recipe = PTPEFTRecipe(cfg, ds_template)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    return 0
+
+
+def setup_logging() -> None:
+    import os
+
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ptscale.config import RecipeError
+
+    parser = argparse.ArgumentParser(prog="ptscale")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_args(sub.add_parser("train", help="run a PT-PEFT recipe"))
+    from ptscale.eval.score_cli import add_score_subparser, run_score
+
+    add_score_subparser(sub)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        if args.command == "train":
+            return run_train(args)
+        return run_score(args)
+    except RecipeError as e:
+        print(f"ptscale: recipe error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

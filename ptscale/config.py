@@ -1,0 +1,252 @@
+"""Run recipes: typed, validated, no logic.
+
+A recipe is YAML (or the embedded default) plus ``key=value`` overrides. Every key is checked against
+these dataclasses before any model is built: unknown keys, wrong types and impossible combinations
+raise :class:`RecipeError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny-blip2-opt"  # a named architecture (see ptscale.models.presets)
+    path: str | None = None  # local HF checkpoint directory; overrides the preset's weights
+    pretrain_steps: int = 1200  # for the embedded default backbone (pre-trained once, cached)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PrefixConfig:
+    # prefix length per target module; 0 or absent = no prefix there. BLIP-2 captioning: 8 / 8 (paper table 8)
+    lengths: dict[str, int] = field(default_factory=lambda: {"qformer": 8, "language_model": 8})
+    kind: Literal["classic"] = "classic"
+    encoder: Literal["mlp", "none"] = "mlp"  # "none": raw per-layer key/value parameters
+    encoder_hidden: int = 512  # width of the MLP re-parameterisation
+    type_embedding: bool = True  # the paper's prefix type embedding (appendix B.1, fig. 6)
+    init_std: float = 0.02
+
+
+@dataclass
+class LoraConfig:
+    # modules per component that get LoRA (paper: q, k, v of the Q-Former for BLIP-2, table 8)
+    targets: dict[str, list[str]] = field(default_factory=lambda: {"qformer": ["query", "key", "value"]})
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    train: list[str] = field(default_factory=list)  # parameter groups that train in this stage
+    epochs: float = 1.0
+    steps: int | None = None  # overrides epochs when set (optimizer steps)
+    lr: float = 1e-3
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    batch_size: int = 16  # micro-batch per rank
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    evaluate: bool = True  # evaluate at the end of this stage
+
+
+@dataclass
+class DataConfig:
+    name: Literal["synthetic"] = "synthetic"
+    task: str = "downstream"  # synthetic: "pretrain" (broad) or "downstream" (the adaptation task)
+    train_size: int = 1024
+    eval_size: int = 64
+    seed: int = 1234
+    prompt: str = ""  # text before the caption (BLIP-2 uses "a photo of")
+    max_text_len: int = 24
+
+
+@dataclass
+class EvalConfig:
+    before_training: bool = True
+    num_beams: int = 5
+    max_new_tokens: int = 16
+    min_new_tokens: int = 1
+    batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: <timestamp>
+    log_every: int = 10
+
+
+DEFAULT_RECIPE = "default.yaml"
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe (the embedded default when ``path`` is None), apply overrides, validate."""
+    if path is None:
+        text = resources.files("ptscale.recipes").joinpath(DEFAULT_RECIPE).read_text()
+        source = f"<embedded {DEFAULT_RECIPE}>"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        text, source = path.read_text(), str(path)
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} is not key=value (e.g. stages.0.lr=1e-4)")
+    key, value = item.split("=", 1)
+    node: Any = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+        else:
+            node = node.setdefault(part, {})
+    parsed = yaml.safe_load(value) if value != "" else ""
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], key)] = parsed
+    else:
+        node[parts[-1]] = parsed
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"override {key!r}: {part!r} is not an index into a list of {len(node)}")
+    return int(part)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "recipe"
+        raise RecipeError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
+                          f"known keys: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise RecipeError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+PREFIX_TARGETS = ("qformer", "language_model")
+LORA_COMPONENTS = ("vision", "qformer", "language_model")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across keys that types alone cannot express."""
+    from ptscale.models.groups import GROUPS  # the group names are owned by the model side
+
+    for target, length in cfg.prefix.lengths.items():
+        if target not in PREFIX_TARGETS:
+            raise RecipeError(f"prefix.lengths.{target}: unknown target; known: {', '.join(PREFIX_TARGETS)}")
+        if length < 0:
+            raise RecipeError(f"prefix.lengths.{target}: must be >= 0, got {length}")
+    for comp in cfg.lora.targets:
+        if comp not in LORA_COMPONENTS:
+            raise RecipeError(f"lora.targets.{comp}: unknown component; known: {', '.join(LORA_COMPONENTS)}")
+    if cfg.lora.r <= 0:
+        raise RecipeError(f"lora.r: must be > 0, got {cfg.lora.r}")
+    if not cfg.stages:
+        raise RecipeError("stages: the recipe has no stages; add at least one (e.g. train: [prefix])")
+    has_prefix = any(v > 0 for v in cfg.prefix.lengths.values())
+    has_lora = any(cfg.lora.targets.values())
+    for i, stage in enumerate(cfg.stages):
+        key = f"stages.{i}"
+        if not stage.train:
+            raise RecipeError(f"{key}.train: empty stage {stage.name or i!r}; name the groups that train")
+        for group in stage.train:
+            if group not in GROUPS:
+                raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {', '.join(GROUPS)}")
+        if "prefix" in stage.train and not has_prefix:
+            raise RecipeError(f"{key}.train: trains 'prefix' but every prefix.lengths is 0")
+        if "lora" in stage.train and not has_lora:
+            raise RecipeError(f"{key}.train: trains 'lora' but lora.targets is empty")
+        for name in ("lr", "batch_size", "grad_accum"):
+            if getattr(stage, name) <= 0:
+                raise RecipeError(f"{key}.{name}: must be > 0, got {getattr(stage, name)}")
+        if stage.steps is None and stage.epochs <= 0:
+            raise RecipeError(f"{key}.epochs: must be > 0 (or set steps)")
+        if not 0.0 <= stage.warmup_ratio < 1.0:
+            raise RecipeError(f"{key}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
+    if cfg.data.train_size <= 0 or cfg.data.eval_size <= 0:
+        raise RecipeError("data.train_size / data.eval_size: must be > 0 (an empty split cannot train or evaluate)")
+    if cfg.eval.num_beams < 1:
+        raise RecipeError(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
+    if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
+        raise RecipeError("eval.min_new_tokens: larger than eval.max_new_tokens")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,128 @@
+"""Backbones: a local HF BLIP-2 checkpoint (``model.path``) or the embedded default.
+
+The default is a tiny BLIP-2 pre-trained once on the broad synthetic distribution and cached like a
+download (``$PTSCALE_CACHE`` or ``~/.cache/ptscale``): an ordinary HF checkpoint directory, so both
+cases load through the same ``from_pretrained`` path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
+
+from ptscale.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_VERSION = 1  # bump when the pre-training recipe changes: it re-keys the cache
+MARKER = "ptscale_backbone.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Backbone:
+    model: Blip2ForConditionalGeneration
+    tokenizer: object
+    image_processor: object
+    path: Path
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.model.config.num_query_tokens
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PTSCALE_CACHE", Path.home() / ".cache" / "ptscale"))
+
+
+def default_backbone_dir(cfg: ModelConfig) -> Path:
+    from ptscale.models.presets import PRESETS
+
+    key = json.dumps({"preset": PRESETS[cfg.preset], "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
+                     sort_keys=True)
+    return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_complete(directory: Path) -> bool:
+    """True when the marker exists and the weights match its checksum (a torn or edited cache is not)."""
+    marker = directory / MARKER
+    weights = directory / "model.safetensors"
+    if not marker.is_file() or not weights.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text())["sha256"] == _sha256(weights)
+    except (ValueError, KeyError):
+        return False
+
+
+def ensure_default_backbone(cfg: ModelConfig, *, rank: int = 0, barrier=None) -> Path:
+    """Return the cached pre-trained default backbone, building it (rank 0) when missing or corrupt."""
+    directory = default_backbone_dir(cfg)
+    if rank == 0 and not is_complete(directory):
+        if directory.exists():
+            log.warning("cached backbone %s is incomplete or corrupt: rebuilding it", directory)
+        build_default_backbone(cfg, directory)
+    if barrier is not None:
+        barrier()
+    if not is_complete(directory):
+        raise RuntimeError(f"default backbone at {directory} is missing after rank 0 built it; "
+                           "is the cache directory shared by all ranks? Set PTSCALE_CACHE to a shared path.")
+    return directory
+
+
+def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
+    from ptscale.models.pretrain import pretrain_default
+
+    t0 = time.time()
+    log.warning("pre-training the default %s backbone (%d steps, once; cached at %s)",
+                cfg.preset, cfg.pretrain_steps, directory)
+    model, tokenizer, image_processor = pretrain_default(cfg.preset, cfg.pretrain_steps)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"preset": cfg.preset, "steps": cfg.pretrain_steps,
+                                              "sha256": _sha256(tmp / "model.safetensors")}))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)  # atomic: readers see the old directory or the complete new one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.warning("default backbone ready in %.0f s", time.time() - t0)
+
+
+def load_backbone(path: str | Path, dtype: str = "fp32") -> Backbone:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 "
+                                "checkpoint directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
+    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    if getattr(model.config, "image_token_id", None) is None:
+        raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
+    return Backbone(model, tokenizer, image_processor, path)

@@ -1,0 +1,64 @@
+"""Named parameter groups: the unit a stage freezes or trains.
+
+Every parameter of a wrapped model belongs to exactly one group. Matching is by module path, first
+rule wins, so LoRA weights inside the Q-Former are ``lora`` and not ``qformer``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+# (group, pattern on the parameter name of ptscale.prefix.model.PrefixTunedModel)
+_RULES: tuple[tuple[str, str], ...] = (
+    ("prefix", r"^prefixes\."),
+    ("lora", r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\."),
+    ("embeddings", r"language_model\.(model\.)?(decoder\.)?(embed_tokens|embed_positions|shared)\."),
+    ("lm_head", r"language_model\.lm_head\."),
+    ("vision", r"^base\.vision_model\."),
+    ("qformer", r"^base\.(qformer\.|query_tokens$)"),
+    ("projection", r"^base\.language_projection\."),
+    ("language_model", r"^base\.language_model\."),
+)
+GROUPS: tuple[str, ...] = tuple(g for g, _ in _RULES)
+_COMPILED = tuple((g, re.compile(p)) for g, p in _RULES)
+
+
+def group_of(name: str) -> str:
+    for group, pattern in _COMPILED:
+        if pattern.search(name):
+            return group
+    raise KeyError(f"parameter {name!r} matches no parameter group; groups: {', '.join(GROUPS)}")
+
+
+def params_in(model: nn.Module, groups: set[str] | list[str]) -> Iterator[tuple[str, nn.Parameter]]:
+    wanted = set(groups)
+    for name, p in model.named_parameters():
+        if group_of(name) in wanted:
+            yield name, p
+
+
+def numel(p: nn.Parameter) -> int:
+    """Full size, also for a ZeRO-3 partitioned parameter (whose local shape is (0,))."""
+    return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
+
+
+def group_sizes(model: nn.Module) -> dict[str, int]:
+    sizes = dict.fromkeys(GROUPS, 0)
+    for name, p in model.named_parameters():
+        sizes[group_of(name)] += numel(p)
+    return sizes
+
+
+def set_trainable(model: nn.Module, groups: list[str]) -> tuple[int, int]:
+    """requires_grad = (group in groups); returns (trainable, total) element counts."""
+    wanted = set(groups)
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        on = group_of(name) in wanted
+        p.requires_grad_(on)
+        total += numel(p)
+        trainable += numel(p) if on else 0
+    return trainable, total

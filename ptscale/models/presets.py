@@ -1,0 +1,46 @@
+"""Named BLIP-2 geometries. ``tiny-blip2-opt`` is the embedded default (CPU-trainable in minutes);
+``blip2-opt-2.7b`` is the exact geometry of Salesforce/blip2-opt-2.7b (random weights without a
+checkpoint)."""
+
+from __future__ import annotations
+
+from transformers import Blip2Config
+
+PRESETS: dict[str, dict] = {
+    "tiny-blip2-opt": {
+        "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        "qformer_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "encoder_hidden_size": 64, "max_position_embeddings": 64,
+                           "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.0},
+        "text_config": {"model_type": "opt", "hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "max_position_embeddings": 128, "word_embed_proj_dim": 128,
+                        "dropout": 0.0, "attention_dropout": 0.0},
+        "num_query_tokens": 8,
+    },
+    "blip2-opt-2.7b": {
+        "vision_config": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+                          "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
+        "qformer_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                           "num_attention_heads": 12, "encoder_hidden_size": 1408, "vocab_size": 30522},
+        "text_config": {"model_type": "opt", "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "max_position_embeddings": 2048, "word_embed_proj_dim": 2560,
+                        "vocab_size": 50304},
+        "num_query_tokens": 32,
+    },
+}
+
+
+def blip2_config(preset: str, *, vocab_size: int | None = None, pad: int = 1, bos: int = 2, eos: int = 2,
+                 image_token: int | None = None) -> Blip2Config:
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    spec = {k: dict(v) if isinstance(v, dict) else v for k, v in PRESETS[preset].items()}
+    text = spec["text_config"]
+    if vocab_size is not None:
+        text["vocab_size"] = vocab_size
+        spec["qformer_config"].setdefault("vocab_size", vocab_size)
+    text.update(pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
+    if image_token is not None:
+        spec["image_token_index"] = image_token
+    return Blip2Config(**spec)

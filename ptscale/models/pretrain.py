@@ -1,0 +1,65 @@
+"""Pre-training of the embedded default backbone on the broad synthetic distribution.
+
+All parameters train (plain PyTorch, one process): this stands in for the large-scale pre-training a
+real BLIP-2 checkpoint comes with, so that PT-PEFT has a pre-trained model to adapt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import torch
+from transformers import Blip2ForConditionalGeneration
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+from ptscale.data.collate import CaptionCollator
+from ptscale.data.synthetic import IMAGE_SIZE, make_split, vocabulary
+from ptscale.models.presets import blip2_config
+from ptscale.models.tokenizer import word_tokenizer
+
+log = logging.getLogger(__name__)
+
+SEED = 20240601
+BATCH = 64
+LR = 2e-3
+
+
+def tiny_processor() -> BlipImageProcessorPil:
+    return BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def new_tiny_model(preset: str, seed: int = SEED):
+    tokenizer = word_tokenizer(vocabulary())
+    torch.manual_seed(seed)
+    cfg = blip2_config(preset, vocab_size=len(tokenizer), pad=tokenizer.pad_token_id,
+                       bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
+                       image_token=tokenizer.convert_tokens_to_ids("<image>"))
+    return Blip2ForConditionalGeneration(cfg), tokenizer
+
+
+def pretrain_default(preset: str, steps: int):
+    model, tokenizer = new_tiny_model(preset)
+    processor = tiny_processor()
+    collate = CaptionCollator(processor, tokenizer, model.config.num_query_tokens, model.config.image_token_id)
+    records = collate.preprocess(make_split("pretrain", 4096, SEED, "pretrain"))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = random.Random(SEED)
+    model.train()
+    for step in range(steps):
+        idx = rng.sample(range(len(records)), BATCH)
+        batch = collate.train_batch([records[i] for i in idx])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            log.warning("pre-training step %d/%d loss %.4f", step + 1, steps, loss.item())
+    model.eval()
+    return model, tokenizer, processor

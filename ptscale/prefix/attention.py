@@ -1,0 +1,175 @@
+"""The attention hook that gives each layer its prefix keys/values.
+
+Registered with transformers' ``AttentionInterface`` (plus the SDPA mask function, so the model still
+hands us its boolean masks). Layers without a prefix slot (vision attention, Q-Former
+cross-attention) run plain SDPA. With a prefix, every query sees every prefix position, and the
+sequence part keeps the model's own mask (causal and/or padding).
+
+Two paths: the reference (concatenate prefix K/V in front, SDPA with an explicit mask) and the Triton
+kernel of ``ptscale_kernels``, which reads the (H, P, D) prefix in-kernel. The choice is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "ptscale_prefix"
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass
+class PrefixStore:
+    """The prefix keys/values of the current forward pass, per target: (layers, 2, H, P, D)."""
+
+    active: dict[str, torch.Tensor] = field(default_factory=dict)
+    enabled: bool = True
+
+
+@dataclass
+class PrefixSlot:
+    store: PrefixStore
+    target: str
+    layer: int
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        kv = self.store.active.get(self.target) if self.store.enabled else None
+        if kv is None or kv.shape[-2] == 0:
+            return None
+        return kv[self.layer, 0], kv[self.layer, 1]
+
+
+SLOT_ATTR = "_ptscale_prefix"
+
+
+def attach(module: nn.Module, slot: PrefixSlot) -> None:
+    # object.__setattr__: the slot is plain state, not a submodule or parameter of the layer.
+    object.__setattr__(module, SLOT_ATTR, slot)
+
+
+def sequence_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_len: int,
+                  device: torch.device) -> torch.Tensor | None:
+    """The boolean (B|1, 1, q_len, kv_len) mask over sequence keys, or None for "attend all".
+
+    transformers drops the mask when it is purely causal (SDPA's ``is_causal`` then does the work);
+    with a prefix in front, SDPA's top-left ``is_causal`` would be wrong, so build it explicitly,
+    bottom-right aligned as the KV cache requires.
+    """
+    if mask is not None:
+        if mask.dtype != torch.bool:  # additive float mask
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        return mask
+    if getattr(module, "is_causal", False) and q_len > 1:
+        i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+        return (torch.arange(kv_len, device=device)[None, :] <= i)[None, None]
+    return None
+
+
+def reference_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                               mask: torch.Tensor | None, scaling: float, dropout: float) -> torch.Tensor:
+    """Concatenate the prefix in front of the sequence and run SDPA. Returns (B, H, L, D)."""
+    b = query.shape[0]
+    p = prefix_k.shape[-2]
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: prefix lives on the KV heads
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        prefix_k, prefix_v = prefix_k.repeat_interleave(groups, 0), prefix_v.repeat_interleave(groups, 0)
+    pk = prefix_k.to(key.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+    pv = prefix_v.to(value.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+    k = torch.cat([pk, key], dim=2)
+    v = torch.cat([pv, value], dim=2)
+    if mask is not None:
+        seen = torch.ones(*mask.shape[:2], mask.shape[2], p, dtype=torch.bool, device=mask.device)
+        mask = torch.cat([seen, mask], dim=-1)
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+
+
+_backend_logged: set[str] = set()
+
+
+def _log_once(key: str, msg: str) -> None:
+    if key not in _backend_logged:
+        _backend_logged.add(key)
+        log.warning(msg)
+
+
+def choose_backend(query: torch.Tensor, dropout: float) -> str:
+    """'triton' or 'reference', from PTSCALE_ATTENTION (auto|reference|triton) and the tensors."""
+    wanted = os.environ.get("PTSCALE_ATTENTION", "auto")
+    if wanted not in BACKENDS:
+        raise ValueError(f"PTSCALE_ATTENTION={wanted!r}: use one of {', '.join(BACKENDS)}")
+    if wanted == "reference":
+        return "reference"
+    try:
+        from ptscale_kernels import triton_available
+        available = triton_available(query.device)
+        why = "" if available else f"tensors on {query.device.type} (the Triton kernel runs on CUDA)"
+    except ImportError as e:
+        available, why = False, f"ptscale_kernels/triton not importable ({e})"
+    if dropout > 0.0:
+        available, why = False, f"attention dropout {dropout} (the kernel has none)"
+    if wanted == "triton" and not available:
+        raise RuntimeError(f"PTSCALE_ATTENTION=triton but the Triton prefix kernel cannot run: {why}. "
+                           "Unset it (auto) or set PTSCALE_ATTENTION=reference.")
+    if not available:
+        _log_once(f"ref:{why}", f"prefix attention: reference path (concat + SDPA); kernel unused: {why}")
+        return "reference"
+    _log_once("triton", "prefix attention: Triton kernel (prefix K/V read in-kernel)")
+    return "triton"
+
+
+def _kernel_call(module, query, key, value, pk, pv, mask, scaling) -> torch.Tensor:
+    from ptscale_kernels import prefix_attention
+
+    causal = bool(getattr(module, "is_causal", False))
+    key_padding = None
+    if mask is not None:
+        # The last query row of a causal mask (bottom-right aligned) sees every unpadded key.
+        key_padding = mask[:, 0, -1, :] if causal else mask[:, 0, 0, :]
+        key_padding = key_padding.expand(query.shape[0], -1)
+    if causal and query.shape[2] != key.shape[2]:
+        raise RuntimeError("Triton prefix kernel: causal attention with q_len != kv_len (KV cache) is not "
+                           "supported; generation uses the reference path (PTSCALE_ATTENTION=reference)")
+    return prefix_attention(query, key, value, pk, pv, key_padding_mask=key_padding,
+                            causal=causal and query.shape[2] > 1, scale=scaling)
+
+
+def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None = None,
+                             dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: q/k/v (B, H, L, D) in, (B, L, H, D) out."""
+    slot: PrefixSlot | None = getattr(module, SLOT_ATTR, None)
+    prefix = slot.get() if slot is not None else None
+    if prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    pk, pv = prefix
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    mask = sequence_mask(module, attention_mask, query.shape[2], key.shape[2], query.device)
+    causal_generation = getattr(module, "is_causal", False) and query.shape[2] != key.shape[2]
+    grouped = query.shape[1] != key.shape[1]
+    if not (causal_generation or grouped) and choose_backend(query, dropout) == "triton":
+        out = _kernel_call(module, query, key, value, pk, pv, mask, scaling)
+    else:
+        out = reference_prefix_attention(query, key, value, pk, pv, mask, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+register()

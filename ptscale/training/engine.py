@@ -1,0 +1,209 @@
+"""Every DeepSpeed call of ptscale lives here: init, one engine per stage, release, gather.
+
+ZeRO-3 builds its optimizer, fp32 partitions and gradient hooks once, from the parameters that
+require grad at ``deepspeed.initialize``; flipping ``requires_grad`` on a live engine trains nothing,
+silently (see ../shared/notes/deepspeed-zero3-stages.md). So each stage gets its own engine on the
+same module, and the previous one is destroyed with its top-level hooks removed (they otherwise keep
+the old engine and optimizer alive: DeepSpeed issue #7204).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+from torch import nn
+
+from ptscale.config import RecipeError, StageConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Works under ``deepspeed``, ``torchrun`` (single or multi-node) and plain ``python``."""
+    if "RANK" not in os.environ:  # plain python: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    deepspeed.init_distributed(dist_backend=None)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one host share its cores; oversubscribed OpenMP threads spin and crawl.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    return info
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- DeepSpeed config: the recipe owns what the JSON marks "auto" -----------------------------------
+
+RECIPE_OWNED = ("optimizer", "scheduler")
+
+
+def load_ds_template(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"--ds {path}: file not found (the shipped configs are in ds_configs/)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"--ds {path}: not valid JSON ({e})") from e
+    for key in RECIPE_OWNED:
+        if key in cfg:
+            raise RecipeError(f"--ds {path}: remove the {key!r} section; each stage of the recipe builds its "
+                              "own AdamW and warm-up/decay schedule")
+    return cfg
+
+
+def resolve_ds_config(template: dict, stage: StageConfig, dtype: str, world_size: int) -> dict:
+    """Fill every "auto" from the stage and the model dtype; an "auto" we do not own is an error."""
+    cfg = copy.deepcopy(template)
+    values = {
+        "train_micro_batch_size_per_gpu": stage.batch_size,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "train_batch_size": stage.batch_size * stage.grad_accum * world_size,
+        "gradient_clipping": stage.max_grad_norm,
+        "bf16.enabled": dtype == "bf16",
+        "fp16.enabled": dtype == "fp16",
+    }
+
+    def fill(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            dotted = prefix + key
+            if isinstance(value, dict):
+                fill(value, dotted + ".")
+            elif value == "auto":
+                if dotted not in values:
+                    raise RecipeError(f"DeepSpeed config: {dotted} is 'auto' but the recipe does not own it; "
+                                      "give it a value in the JSON")
+                node[key] = values[dotted]
+
+    fill(cfg, "")
+    cfg.setdefault("train_micro_batch_size_per_gpu", stage.batch_size)
+    cfg.setdefault("gradient_accumulation_steps", stage.grad_accum)
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    cfg.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW as the client optimizer
+    cfg.setdefault("steps_per_print", 2**31 - 1)
+    return cfg
+
+
+def zero_stage(ds_cfg: dict) -> int:
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+# --- Optimizer and schedule ---------------------------------------------------------------------------
+
+def adamw(module: nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
+    """AdamW, betas (0.9, 0.99) as in the paper; weight decay on matrices only (not biases or norm gains)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape  # ZeRO-3 shards are (0,)-shaped
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=(0.9, 0.99))
+
+
+def warmup_linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Linear warm-up from 0 to the peak lr, then linear decay to 0 (paper appendix B.4)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- One engine per stage -----------------------------------------------------------------------------
+
+def build_engine(module: nn.Module, stage: StageConfig, ds_cfg: dict, total_steps: int):
+    optimizer = adamw(module, stage)
+    scheduler = warmup_linear_decay(optimizer, total_steps, math.floor(stage.warmup_ratio * total_steps))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    return engine
+
+
+def release(engine) -> None:
+    engine.destroy()
+    for attr in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, attr, None)
+        if handle is not None:
+            handle.remove()
+    engine.optimizer = engine.lr_scheduler = None
+
+
+def trainable_fp32(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 masters of the trainable parameters (gathered: never the (0,)-shaped shards)."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p) if hasattr(p, "ds_id") else p.detach().float()
+            out[name] = full.detach().cpu().clone()
+    return out
+
+
+def restore_fp32(engine, masters: dict[str, torch.Tensor]) -> None:
+    """Carry fp32 masters into a new engine (bf16 module weights alone would round them)."""
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad and name in masters and hasattr(p, "ds_id"):
+            safe_set_full_fp32_param(p, masters[name].to(p.device))
+
+
+def gather_state(module: nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full copies of the named parameters (all when ``names`` is None), one parameter at a time."""
+    out = {}
+    for name, p in module.named_parameters():
+        if names is not None and name not in names:
+            continue
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p]):
+                out[name] = p.detach().float().cpu().clone()
+        else:
+            out[name] = p.detach().float().cpu().clone()
+    return out
+
+
+def param_digests(module: nn.Module) -> dict[str, str]:
+    """sha256 of every parameter's full value: exact evidence of what a stage changed."""
+    out = {}
+    for name, p in module.named_parameters():
+        ctx = deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext()
+        with ctx:
+            out[name] = hashlib.sha256(p.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return out
+

@@ -1,0 +1,43 @@
+"""LoRA through peft, injected into named modules of each component.
+
+Injected before the first DeepSpeed engine exists (ZeRO-3 partitions parameters at initialize, and a
+parameter added later would never be sharded or optimised). LoRA B starts at zero, so the adapters
+change nothing until a stage trains them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from torch import nn
+
+from ptscale.config import LoraConfig
+
+# Where each component lives inside PrefixTunedModel.
+COMPONENT_ROOTS = {"vision": "base.vision_model.", "qformer": "base.qformer.", "language_model": "base.language_model."}
+
+
+def lora_target_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Full module names: a target name matches a module path suffix on a dot boundary
+    (``attention.attention.query`` matches the Q-Former's self-attention, not its cross-attention)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found: list[str] = []
+    for component, targets in cfg.targets.items():
+        root = COMPONENT_ROOTS[component]
+        for target in targets:
+            pattern = re.compile(rf"(^|\.){re.escape(target)}$")
+            hits = [n for n in names if n.startswith(root) and pattern.search(n[len(root):])]
+            if not hits:
+                raise ValueError(f"lora.targets.{component}: {target!r} matches no Linear module under "
+                                 f"{root.rstrip('.')}; check the module names (model.named_modules())")
+            found += hits
+    return sorted(set(found))
+
+
+def inject_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    targets = lora_target_modules(model, cfg)
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    inject_adapter_in_model(peft_cfg, model)
+    return targets
