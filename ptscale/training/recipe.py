@@ -161,7 +161,7 @@ class PTPEFTRecipe:
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}")
                 bar.update(1)
                 if step % self.cfg.log_every == 0 or step == steps:
-                    self.logger.log(step, {"stage": name, "stage_index": index, "step": step,
+                    self.logger.log(step, {"kind": "train", "stage": name, "stage_index": index, "step": step,
                                            "loss": loss.item(), "lr": engine.get_lr()[0],
                                            "samples_per_s": rate, "epoch": epoch})
                 if step >= steps:
@@ -212,7 +212,7 @@ class PTPEFTRecipe:
             safe = point.replace(" ", "_")
             (self.run_dir / f"captions-{safe}.json").write_text(json.dumps(
                 [{"image_id": k, "caption": v, "references": refs[k]} for k, v in sorted(preds.items())], indent=1))
-            self.logger.log(0, {"stage": point, **{k: v for k, v in scores.metrics.items()}})
+            self.logger.log(0, {"kind": "eval", "stage": point, **scores.metrics})
             tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {scores.metrics[k]:.4f}" for k in METRICS))
             self._write_results()
         ds.barrier()

@@ -24,6 +24,11 @@ def _launch(cmd: list[str], timeout: int) -> str:
     return proc.stdout
 
 
+def _last_program_line(out: str) -> str:
+    """The launcher itself logs "[date] [INFO] [launch.py...] exits successfully" after the ranks end."""
+    return [line for line in out.strip().splitlines() if "[launch.py" not in line][-1]
+
+
 def _changed(stage_dir: Path) -> set[str]:
     digests = json.loads((stage_dir / "param_digests.json").read_text())
     return {group_of(n) for n, h in digests["before"].items() if digests["after"][n] != h}
@@ -34,7 +39,7 @@ def test_default_run_two_ranks_zero3(tmp_path):
     out = _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
                    f"output_dir={tmp_path}", "run_name=default"], timeout=1500)
     run = tmp_path / "default"
-    assert out.strip().splitlines()[-1] == f"run directory: {run}"
+    assert _last_program_line(out) == f"run directory: {run}"
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2
     points = {e["point"]: e for e in results["evaluations"]}
@@ -48,7 +53,10 @@ def test_default_run_two_ranks_zero3(tmp_path):
     assert _changed(run / "stage-2-prefix+lora") == {"prefix", "lora"}
     assert "| evaluated" in out and "CIDEr" in out
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "lr", "samples_per_s"} <= set(lines[0])
+    train = [x for x in lines if x["kind"] == "train"]
+    assert {"loss", "lr", "samples_per_s", "stage"} <= set(train[0])
+    assert {x["stage"] for x in train} == {"prefix", "prefix+lora"}
+    assert [x["stage"] for x in lines if x["kind"] == "eval"] == list(points)
     assert list((run / "tensorboard").iterdir())
     from safetensors.torch import load_file
 
@@ -64,7 +72,7 @@ def test_torchrun_two_ranks_short_plan(tmp_path):
                    "eval.before_training=false", "eval.num_beams=1", "stages.0.steps=3", "stages.1.steps=3",
                    "stages.0.evaluate=false"], timeout=900)
     run = tmp_path / "tr"
-    assert out.strip().splitlines()[-1] == f"run directory: {run}"
+    assert _last_program_line(out) == f"run directory: {run}"
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and [e["point"] for e in results["evaluations"]] == ["prefix+lora"]
     assert _changed(run / "stage-1-prefix") == {"prefix"}
