@@ -1,14 +1,43 @@
-"""Atomic writes: a crash mid-save leaves the previous file intact (write to a temp file, fsync,
-rename over)."""
+"""Checkpoints: atomic, world-size independent, resumable mid-stage.
+
+A checkpoint is a directory ``checkpoints/ckpt-<stage>-<step>`` holding
+- ``tuned.safetensors``: full fp32 values of every parameter any stage so far has trained (gathered:
+  never ZeRO-3's (0,)-shaped shards), name-keyed;
+- ``optimizer.safetensors``: the current stage's Adam moments per parameter name (absent at a stage
+  boundary, where the next stage starts a fresh optimizer);
+- ``progress.json``: stage, step, data position, scheduler state, RNG states per rank, results so far.
+It is written to a temporary directory and renamed into place, so a crash mid-save leaves every older
+checkpoint loadable; only complete directories ever carry the ``ckpt-`` name.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+PREFIX = "ckpt-"
+
+
+@dataclass
+class Progress:
+    stage_index: int = 0  # the stage to run (or running)
+    step: int = 0  # optimizer steps done in that stage
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    samples: int = 0
+    nonfinite_skipped: int = 0
+    world_size: int = 1
+    scheduler: dict | None = None
+    optimizer_step: int = 0
+    rng: list = field(default_factory=list)  # per rank
+    results: list = field(default_factory=list)
 
 
 def _atomic(path: Path, write) -> None:
@@ -37,3 +66,79 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.write(text)
 
     _atomic(path, write)
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _jsonable(obj):
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, tuple):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, list):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def write_checkpoint(root: Path, progress: Progress, tuned: dict[str, torch.Tensor],
+                     optimizer: dict[str, torch.Tensor] | None, keep_last: int) -> Path:
+    """Rank 0 only. Returns the final directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{progress.stage_index:02d}-{progress.step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_file({k: v.contiguous() for k, v in tuned.items()}, tmp / "tuned.safetensors")
+        if optimizer is not None:
+            save_file({k: v.contiguous() for k, v in optimizer.items()}, tmp / "optimizer.safetensors")
+        (tmp / "progress.json").write_text(json.dumps(_jsonable(asdict(progress))))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def read_checkpoint(path: Path) -> tuple[Progress, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    try:
+        progress = Progress(**json.loads((path / "progress.json").read_text()))
+        tuned = load_file(path / "tuned.safetensors")
+        opt_file = path / "optimizer.safetensors"
+        optimizer = load_file(opt_file) if opt_file.exists() else None
+    except (OSError, ValueError, TypeError) as e:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({e}); delete it to resume from an older one") from e
+    return progress, tuned, optimizer

@@ -13,6 +13,8 @@ DEFAULT_DS = Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="recipe YAML (default: the embedded PT-LoRA recipe)")
     p.add_argument("--ds", default=str(DEFAULT_DS), help="DeepSpeed JSON; 'auto' values come from the recipe")
+    p.add_argument("--resume", default=None, metavar="auto|CKPT_DIR",
+                   help="continue from the newest complete checkpoint (auto) or a given one")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. stages.0.lr=1e-3")
 
@@ -24,7 +26,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)  # validated before any model is built
     ds_template = load_ds_template(args.ds)
-    recipe = PTPEFTRecipe(cfg, ds_template)
+    recipe = PTPEFTRecipe(cfg, ds_template, resume=args.resume)
     recipe.setup()
     recipe.train()
     recipe.cleanup()

@@ -33,13 +33,20 @@ class ModelConfig:
 
 @dataclass
 class PrefixConfig:
-    # prefix length per target module; 0 or absent = no prefix there. BLIP-2 captioning: 8 / 8 (paper table 8)
+    # prefix length per target module; 0 or absent = no prefix there. BLIP-2 captioning: 8 / 8 (paper table 8).
+    # Targets (ptscale.prefix.targets): qformer, vision, language_model (every LM self-attention), and for
+    # encoder-decoder LMs (T5) encoder / decoder separately.
     lengths: dict[str, int] = field(default_factory=lambda: {"qformer": 8, "language_model": 8})
-    kind: Literal["classic"] = "classic"
-    encoder: Literal["mlp", "none"] = "mlp"  # "none": raw per-layer key/value parameters
+    # classic: prefix K/V inside the softmax (Li & Liang); plus: Prefix-Tuning+ (a gated linear-attention
+    # memory outside the softmax, ptscale.prefix.plus)
+    kind: Literal["classic", "plus"] = "classic"
+    # mlp: Linear-Tanh-Linear re-parameterisation (paper fig. 6); linear: one linear projection (table 10
+    # "w/o MLP"); none: raw per-layer key/value parameters (table 10 "w/o encoder")
+    encoder: Literal["mlp", "linear", "none"] = "mlp"
     encoder_hidden: int = 512  # width of the MLP re-parameterisation
-    type_embedding: bool = True  # the paper's prefix type embedding (appendix B.1, fig. 6)
+    type_embedding: bool = True  # the paper's prefix type embedding (appendix B.1, fig. 6; table 10 ablation)
     init_std: float = 0.02
+    feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # kind=plus only: phi of the memory term
 
 
 @dataclass
@@ -87,6 +94,12 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 50  # also at every stage end; 0 = stage ends only
+    keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a newer one is complete)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
@@ -94,6 +107,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     stages: list[StageConfig] = field(default_factory=list)
+    # A named stage plan (see ptscale.plans) instead of an explicit stage list, e.g. "prefix->lora";
+    # its stages take their hyper-parameters from `methods` (the per-method rows of tables 12-14).
+    plan: str | None = None
+    methods: dict[str, StageConfig] = field(default_factory=dict)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    max_nonfinite_in_row: int = 5  # consecutive skipped non-finite losses before the run stops
+    check_frozen: bool = True  # hash every parameter around each stage: frozen groups must not move
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None  # default: <timestamp>
@@ -119,6 +139,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(raw, item)
     cfg = _build(RunConfig, raw, "")
+    if cfg.plan is not None:
+        from ptscale.plans import expand_plan
+
+        if cfg.stages:
+            raise RecipeError("plan and stages: give one of them (a named plan expands into stages)")
+        cfg.stages = expand_plan(cfg.plan, cfg.methods)
     validate(cfg)
     return cfg
 
@@ -200,19 +226,26 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-PREFIX_TARGETS = ("qformer", "language_model")
+PREFIX_TARGETS = ("qformer", "vision", "language_model", "encoder", "decoder")
 LORA_COMPONENTS = ("vision", "qformer", "language_model")
 
 
 def validate(cfg: RunConfig) -> None:
     """Checks across keys that types alone cannot express."""
-    from ptscale.models.groups import GROUPS  # the group names are owned by the model side
+    # the group names are owned by the model side
+    from ptscale.models.groups import GROUP_ALIASES, GROUPS, expand_groups
 
     for target, length in cfg.prefix.lengths.items():
         if target not in PREFIX_TARGETS:
             raise RecipeError(f"prefix.lengths.{target}: unknown target; known: {', '.join(PREFIX_TARGETS)}")
         if length < 0:
             raise RecipeError(f"prefix.lengths.{target}: must be >= 0, got {length}")
+    if cfg.prefix.encoder == "mlp" and cfg.prefix.encoder_hidden <= 0:
+        raise RecipeError(f"prefix.encoder_hidden: must be > 0 for the mlp encoder, got {cfg.prefix.encoder_hidden}")
+    if cfg.prefix.init_std < 0:
+        raise RecipeError(f"prefix.init_std: must be >= 0, got {cfg.prefix.init_std}")
+    if cfg.prefix.kind == "classic" and cfg.prefix.feature_map != "elu1":
+        raise RecipeError("prefix.feature_map: only used by prefix.kind=plus; remove it or set kind: plus")
     for comp in cfg.lora.targets:
         if comp not in LORA_COMPONENTS:
             raise RecipeError(f"lora.targets.{comp}: unknown component; known: {', '.join(LORA_COMPONENTS)}")
@@ -227,8 +260,10 @@ def validate(cfg: RunConfig) -> None:
         if not stage.train:
             raise RecipeError(f"{key}.train: empty stage {stage.name or i!r}; name the groups that train")
         for group in stage.train:
-            if group not in GROUPS:
-                raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {', '.join(GROUPS)}")
+            if group not in GROUPS and group not in GROUP_ALIASES:
+                known = ", ".join((*GROUPS, *GROUP_ALIASES))
+                raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {known}")
+        stage.train = expand_groups(stage.train)
         if "prefix" in stage.train and not has_prefix:
             raise RecipeError(f"{key}.train: trains 'prefix' but every prefix.lengths is 0")
         if "lora" in stage.train and not has_lora:

@@ -11,7 +11,7 @@ def test_embedded_default_loads():
 
 
 def test_overrides_apply_with_types():
-    cfg = load_recipe(overrides=["stages.0.lr=1e-4", "data.train_size=32", "prefix.lengths.qformer=0",
+    cfg = load_recipe(overrides=["methods.prefix.lr=1e-4", "data.train_size=32", "prefix.lengths.qformer=0",
                                  "eval.num_beams=1"])
     assert cfg.stages[0].lr == 1e-4 and isinstance(cfg.stages[0].lr, float)
     assert cfg.data.train_size == 32 and cfg.prefix.lengths["qformer"] == 0 and cfg.eval.num_beams == 1
@@ -19,16 +19,17 @@ def test_overrides_apply_with_types():
 
 @pytest.mark.parametrize("override, key", [
     ("model.colour=red", "model.colour"),
-    ("stages.0.learning_rate=1", "stages.0.learning_rate"),
+    ("methods.prefix.learning_rate=1", "methods.prefix.learning_rate"),
     ("data.train_size=many", "data.train_size"),
     ("model.dtype=fp8", "model.dtype"),
-    ("stages.0.train=[prefix, adapterz]", "stages.0.train"),
-    ("stages.1.train=[]", "stages.1.train"),
+    ("plan=prefix->wings", "wings"),
+    ("plan=prefix->lora->full", "full"),
+    ("methods.lora=null", "methods.lora"),
     ("prefix.lengths.vision_tower=4", "prefix.lengths.vision_tower"),
-    ("stages.0.batch_size=0", "stages.0.batch_size"),
+    ("methods.prefix.batch_size=0", "stages.0.batch_size"),
     ("data.eval_size=0", "data.eval_size"),
     ("stages.5.lr=1", "stages.5.lr"),
-    ("stages.0.warmup_ratio=1.5", "stages.0.warmup_ratio"),
+    ("methods.lora.warmup_ratio=1.5", "stages.1.warmup_ratio"),
     ("model.gradient_checkpointing=1", "model.gradient_checkpointing"),
 ])
 def test_bad_recipes_name_the_key(override, key):
@@ -41,6 +42,21 @@ def test_training_prefix_without_prefix_is_impossible():
         load_recipe(overrides=["prefix.lengths.qformer=0", "prefix.lengths.language_model=0"])
 
 
+def test_explicit_stages_and_unknown_groups(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - train: [prefix, wings]\n")
+    with pytest.raises(RecipeError, match="stages.0.train: unknown parameter group 'wings'"):
+        load_recipe(path)
+    path.write_text("stages:\n  - train: [prefix]\n  - train: []\n")
+    with pytest.raises(RecipeError, match="stages.1.train: empty stage"):
+        load_recipe(path)
+    path.write_text("plan: prefix\nmethods: {prefix: {lr: 1.0e-3}}\nstages:\n  - train: [prefix]\n")
+    with pytest.raises(RecipeError, match="plan and stages"):
+        load_recipe(path)
+    path.write_text("stages:\n  - train: [full]\n")
+    assert load_recipe(path).stages[0].train == ["vision", "qformer", "projection", "language_model"]
+
+
 def test_recipe_file_and_missing_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("stages:\n  - train: [lora]\n    steps: 3\n")
@@ -51,3 +67,16 @@ def test_recipe_file_and_missing_file(tmp_path):
     path.write_text("stages: []\n")
     with pytest.raises(RecipeError, match="no stages"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("plan, trains", [
+    ("prefix", [["prefix"]]),
+    ("lora", [["lora"]]),
+    ("prefix->lora", [["prefix"], ["prefix", "lora"]]),
+    ("lora->prefix", [["lora"], ["lora", "prefix"]]),
+    ("prefix+lora", [["prefix", "lora"]]),
+    ("alternate(prefix,lora,2)", [["prefix"], ["lora"], ["prefix"], ["lora"]]),
+])
+def test_named_plans(plan, trains):
+    cfg = load_recipe(overrides=[f"plan={plan}"])
+    assert [s.train for s in cfg.stages] == trains

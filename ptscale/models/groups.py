@@ -15,6 +15,7 @@ from torch import nn
 _RULES: tuple[tuple[str, str], ...] = (
     ("prefix", r"^prefixes\."),
     ("lora", r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\."),
+    ("adapter", r"\.ptscale_adapter\."),
     ("embeddings", r"language_model\.(model\.)?(decoder\.)?(embed_tokens|embed_positions|shared)\."),
     ("lm_head", r"language_model\.lm_head\."),
     ("vision", r"^base\.vision_model\."),
@@ -23,6 +24,17 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("language_model", r"^base\.language_model\."),
 )
 GROUPS: tuple[str, ...] = tuple(g for g, _ in _RULES)
+# "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5).
+GROUP_ALIASES: dict[str, tuple[str, ...]] = {"full": ("vision", "qformer", "projection", "language_model")}
+
+
+def expand_groups(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        for group in GROUP_ALIASES.get(name, (name,)):
+            if group not in out:
+                out.append(group)
+    return out
 _COMPILED = tuple((g, re.compile(p)) for g, p in _RULES)
 
 

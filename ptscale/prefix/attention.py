@@ -6,7 +6,17 @@ cross-attention) run plain SDPA. With a prefix, every query sees every prefix po
 sequence part keeps the model's own mask (causal and/or padding).
 
 Two paths: the reference (concatenate prefix K/V in front, SDPA with an explicit mask) and the Triton
-kernel of ``ptscale_kernels``, which reads the (H, P, D) prefix in-kernel. The choice is logged once.
+kernel of ``ptscale_kernels``, which reads the (H, P, D) prefix in-kernel. The choice is logged once;
+``PTSCALE_ATTENTION=triton`` where the kernel cannot run is an error, never a silent fallback. The
+reference path also serves what the kernel does not: grouped-query attention (the prefix lives on the
+KV heads and is repeated like them), decoding with a KV cache (q_len != kv_len), attention dropout, and
+T5's additive relative-position bias (``position_bias``: it covers the sequence keys; prefix keys, which
+have no position, get none).
+
+The prefix is added on every call and never enters the KV cache: the cache holds sequence keys only.
+
+Prefix-Tuning+ layers (``ptscale.prefix.plus``) run the model's own SDPA over the sequence and add the
+gated memory term.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+
+from ptscale.prefix.plus import PlusLayer, PlusState, memory_term
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -30,9 +42,10 @@ BACKENDS = ("auto", "reference", "triton")
 
 @dataclass
 class PrefixStore:
-    """The prefix keys/values of the current forward pass, per target: (layers, 2, H, P, D)."""
+    """The prefixes of the current forward pass, per target: classic (layers, 2, H, P, D) keys/values,
+    or a Prefix-Tuning+ :class:`PlusState`."""
 
-    active: dict[str, torch.Tensor] = field(default_factory=dict)
+    active: dict[str, torch.Tensor | PlusState] = field(default_factory=dict)
     enabled: bool = True
 
 
@@ -42,11 +55,14 @@ class PrefixSlot:
     target: str
     layer: int
 
-    def get(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        kv = self.store.active.get(self.target) if self.store.enabled else None
-        if kv is None or kv.shape[-2] == 0:
+    def get(self) -> tuple[torch.Tensor, torch.Tensor] | PlusLayer | None:
+        """This layer's (prefix_k, prefix_v), each (H, P, D); its Prefix-Tuning+ memory; or None."""
+        state = self.store.active.get(self.target) if self.store.enabled else None
+        if isinstance(state, PlusState):
+            return state.layer(self.layer) if state.kv.shape[-2] > 0 else None
+        if state is None or state.shape[-2] == 0:
             return None
-        return kv[self.layer, 0], kv[self.layer, 1]
+        return state[self.layer, 0], state[self.layer, 1]
 
 
 SLOT_ATTR = "_ptscale_prefix"
@@ -58,7 +74,7 @@ def attach(module: nn.Module, slot: PrefixSlot) -> None:
 
 
 def sequence_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_len: int,
-                  device: torch.device) -> torch.Tensor | None:
+                  device: torch.device, causal: bool | None = None) -> torch.Tensor | None:
     """The boolean (B|1, 1, q_len, kv_len) mask over sequence keys, or None for "attend all".
 
     transformers drops the mask when it is purely causal (SDPA's ``is_causal`` then does the work);
@@ -69,7 +85,9 @@ def sequence_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_l
         if mask.dtype != torch.bool:  # additive float mask
             mask = mask > torch.finfo(mask.dtype).min / 2
         return mask
-    if getattr(module, "is_causal", False) and q_len > 1:
+    if causal is None:
+        causal = getattr(module, "is_causal", False)
+    if causal and q_len > 1:
         i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
         return (torch.arange(kv_len, device=device)[None, :] <= i)[None, None]
     return None
@@ -77,8 +95,13 @@ def sequence_mask(module: nn.Module, mask: torch.Tensor | None, q_len: int, kv_l
 
 def reference_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                               mask: torch.Tensor | None, scaling: float, dropout: float) -> torch.Tensor:
-    """Concatenate the prefix in front of the sequence and run SDPA. Returns (B, H, L, D)."""
+                               mask: torch.Tensor | None, scaling: float, dropout: float,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate the prefix in front of the sequence and run SDPA. Returns (B, H, L, D).
+
+    ``mask``: boolean (B|1, 1, L, kv_len) over the sequence keys or None; ``bias``: an additive
+    (B|1, H, L, kv_len) score bias over the sequence keys (T5) or None. Prefix keys: always seen, no bias.
+    """
     b = query.shape[0]
     p = prefix_k.shape[-2]
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: prefix lives on the KV heads
@@ -89,7 +112,12 @@ def reference_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: to
     pv = prefix_v.to(value.dtype).unsqueeze(0).expand(b, -1, -1, -1)
     k = torch.cat([pk, key], dim=2)
     v = torch.cat([pv, value], dim=2)
-    if mask is not None:
+    if bias is not None:
+        bias = bias.to(query.dtype)
+        if mask is not None:
+            bias = bias.masked_fill(~mask, float("-inf"))
+        mask = torch.cat([bias.new_zeros(*bias.shape[:3], p), bias], dim=-1)
+    elif mask is not None:
         seen = torch.ones(*mask.shape[:2], mask.shape[2], p, dtype=torch.bool, device=mask.device)
         mask = torch.cat([seen, mask], dim=-1)
     return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
@@ -113,10 +141,13 @@ def choose_backend(query: torch.Tensor, dropout: float) -> str:
         return "reference"
     try:
         from ptscale_kernels import triton_available
-        available = triton_available(query.device)
+        # CUDA only: under TRITON_INTERPRET=1 the kernel also runs on CPU, but only its own tests want that.
+        available = query.is_cuda and triton_available(query.device)
         why = "" if available else f"tensors on {query.device.type} (the Triton kernel runs on CUDA)"
     except ImportError as e:
         available, why = False, f"ptscale_kernels/triton not importable ({e})"
+    if available and query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        available, why = False, f"dtype {query.dtype} (the kernel takes fp16, bf16, fp32)"
     if dropout > 0.0:
         available, why = False, f"attention dropout {dropout} (the kernel has none)"
     if wanted == "triton" and not available:
@@ -129,10 +160,10 @@ def choose_backend(query: torch.Tensor, dropout: float) -> str:
     return "triton"
 
 
-def _kernel_call(module, query, key, value, pk, pv, mask, scaling) -> torch.Tensor:
+def _kernel_call(module, query, key, value, pk, pv, mask, scaling, *, causal: bool | None = None) -> torch.Tensor:
     from ptscale_kernels import prefix_attention
 
-    causal = bool(getattr(module, "is_causal", False))
+    causal = bool(getattr(module, "is_causal", False)) if causal is None else causal
     key_padding = None
     if mask is not None:
         # The last query row of a causal mask (bottom-right aligned) sees every unpadded key.
@@ -141,6 +172,7 @@ def _kernel_call(module, query, key, value, pk, pv, mask, scaling) -> torch.Tens
     if causal and query.shape[2] != key.shape[2]:
         raise RuntimeError("Triton prefix kernel: causal attention with q_len != kv_len (KV cache) is not "
                            "supported; generation uses the reference path (PTSCALE_ATTENTION=reference)")
+    pk, pv = pk.to(query.dtype), pv.to(query.dtype)  # fp32 prefix parameters under a bf16 model
     return prefix_attention(query, key, value, pk, pv, key_padding_mask=key_padding,
                             causal=causal and query.shape[2] > 1, scale=scaling)
 
@@ -154,16 +186,30 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    pk, pv = prefix
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"prefix attention: {type(module).__name__} uses attention logit soft-capping, "
+                         "which the prefix paths do not implement")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    mask = sequence_mask(module, attention_mask, query.shape[2], key.shape[2], query.device)
-    causal_generation = getattr(module, "is_causal", False) and query.shape[2] != key.shape[2]
-    grouped = query.shape[1] != key.shape[1]
-    if not (causal_generation or grouped) and choose_backend(query, dropout) == "triton":
-        out = _kernel_call(module, query, key, value, pk, pv, mask, scaling)
+    if isinstance(prefix, PlusLayer):  # Prefix-Tuning+: the model's own attention plus the gated memory
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                        dropout=dropout, **kwargs)
+        return out + memory_term(query, prefix, scaling).transpose(1, 2), None
+    pk, pv = prefix
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else bool(causal)
+    mask = sequence_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, causal=causal)
+    bias = kwargs.get("position_bias")
+    outside_kernel = ("decoding with a KV cache" if causal and query.shape[2] != key.shape[2]
+                      else "grouped-query attention" if query.shape[1] != key.shape[1]
+                      else "an additive position bias" if bias is not None else None)
+    if outside_kernel is None and choose_backend(query, dropout) == "triton":
+        out = _kernel_call(module, query, key, value, pk, pv, mask, scaling, causal=causal)
     else:
-        out = reference_prefix_attention(query, key, value, pk, pv, mask, scaling, dropout)
+        if outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
+            _log_once(f"outside:{outside_kernel}",
+                      f"prefix attention: reference path for {outside_kernel} (the Triton kernel does not cover it)")
+        out = reference_prefix_attention(query, key, value, pk, pv, mask, scaling, dropout, bias=bias)
     return out.transpose(1, 2).contiguous(), None
 
 

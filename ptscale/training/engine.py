@@ -169,18 +169,14 @@ def release(engine) -> None:
 
 def trainable_fp32(engine) -> dict[str, torch.Tensor]:
     """Full fp32 masters of the trainable parameters (gathered: never the (0,)-shaped shards)."""
-    out = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p) if hasattr(p, "ds_id") else p.detach().float()
-            out[name] = full.detach().cpu().clone()
-    return out
+    return {name: safe_get_full_fp32_param(p).detach().float().cpu().clone()
+            for name, p in engine.module.named_parameters() if p.requires_grad}
 
 
 def restore_fp32(engine, masters: dict[str, torch.Tensor]) -> None:
     """Carry fp32 masters into a new engine (bf16 module weights alone would round them)."""
     for name, p in engine.module.named_parameters():
-        if p.requires_grad and name in masters and hasattr(p, "ds_id"):
+        if p.requires_grad and name in masters:
             safe_set_full_fp32_param(p, masters[name].to(p.device))
 
 
@@ -207,3 +203,58 @@ def param_digests(module: nn.Module) -> dict[str, str]:
             out[name] = hashlib.sha256(p.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
     return out
 
+
+
+# --- Optimizer state: world-size independent save and restore ------------------------------------------
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _flat_fp32_groups(engine) -> list[torch.Tensor]:
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return list(opt.fp32_partitioned_groups_flat)
+    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return list(opt.single_partition_of_fp32_groups)
+    raise RuntimeError("resume needs a ZeRO stage 1-3 DeepSpeed config (the shipped zero2/zero3 JSONs)")
+
+
+def optimizer_step_count(engine) -> int:
+    inner = engine.optimizer.optimizer
+    steps = [int(inner.state[f]["step"]) for f in _flat_fp32_groups(engine) if f in inner.state]
+    return max(steps, default=0)
+
+
+def materialize_adam_state(engine) -> None:
+    """torch AdamW creates its state at the first step; a resumed engine needs it before, to load into."""
+    inner = engine.optimizer.optimizer
+    for flat in _flat_fp32_groups(engine):
+        if flat not in inner.state or "exp_avg" not in inner.state[flat]:
+            inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+
+
+def get_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], int]:
+    """Full (gathered) Adam moments per trainable parameter name, and the step count."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    materialize_adam_state(engine)
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            for key in ADAM_KEYS:
+                out[f"{name}::{key}"] = safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+    return out, optimizer_step_count(engine)
+
+
+def set_optimizer_state(engine, state: dict[str, torch.Tensor], step: int) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    materialize_adam_state(engine)
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            for key in ADAM_KEYS:
+                safe_set_full_optimizer_state(p, state[f"{name}::{key}"].to(p.device), key)
+    inner = engine.optimizer.optimizer
+    for flat in _flat_fp32_groups(engine):
+        inner.state[flat]["step"] = torch.tensor(float(step))

@@ -20,6 +20,16 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from ptscale.checkpoint import (
+    Progress,
+    list_checkpoints,
+    read_checkpoint,
+    rng_state,
+    save_safetensors_atomic,
+    set_rng_state,
+    write_checkpoint,
+    write_text_atomic,
+)
 from ptscale.config import RunConfig, StageConfig, to_dict
 from ptscale.data.collate import CaptionCollator
 from ptscale.data.synthetic import make_split
@@ -56,17 +66,34 @@ def stage_name(stage: StageConfig, index: int) -> str:
     return stage.name or f"stage{index + 1}-" + "+".join(stage.train)
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start mid-epoch (resume: same data order, skipping consumed batches)."""
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
 class PTPEFTRecipe:
-    def __init__(self, cfg: RunConfig, ds_template: dict) -> None:
+    def __init__(self, cfg: RunConfig, ds_template: dict, resume: str | None = None) -> None:
         self.cfg = cfg
         self.ds_template = ds_template
+        self.resume = resume
 
     # --- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = ds.init_distributed()
         seed_everything(cfg.seed)
-        self.run_dir = self._make_run_dir()
+        self.run_dir, checkpoint = self._run_dir_and_checkpoint()
         self.logger = MetricLogger(self.run_dir, self.dist.is_main)
         self.backbone = self._load_backbone()
         self.model = self._wrap(self.backbone)
@@ -74,17 +101,51 @@ class PTPEFTRecipe:
                                         self.backbone.num_query_tokens, self.backbone.image_token_id,
                                         prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
         self.train_records, self.eval_records = self._data()
-        self.results: list[EvalPoint] = []
         self.zero3 = ds.zero_stage(self.ds_template) == 3
+        self.progress, self._optimizer_state, self._tuned = Progress(world_size=self.dist.world_size), None, None
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
+        self.results = [EvalPoint(**r) for r in self.progress.results]
 
-    def _make_run_dir(self) -> Path:
-        name = self.cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(ds.broadcast_object(str(Path(self.cfg.output_dir) / name)))
+    def _run_dir_and_checkpoint(self) -> tuple[Path, Path | None]:
+        out = Path(self.cfg.output_dir)
+        run_dir, checkpoint = None, None
         if self.dist.is_main:
+            run_dir = out / (self.cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+            if self.resume == "auto":
+                candidates = [out / self.cfg.run_name] if self.cfg.run_name else \
+                    sorted((p for p in out.glob("*") if list_checkpoints(p / "checkpoints")),
+                           key=lambda p: list_checkpoints(p / "checkpoints")[-1].stat().st_mtime)
+                found = list_checkpoints(candidates[-1] / "checkpoints") if candidates else []
+                if found:
+                    run_dir, checkpoint = candidates[-1], found[-1]
+                else:
+                    log.warning("--resume auto: no complete checkpoint under %s; starting fresh", out)
+            elif self.resume:
+                checkpoint = Path(self.resume)
+                if not (checkpoint / "progress.json").is_file():
+                    raise FileNotFoundError(f"--resume {checkpoint}: not a checkpoint directory "
+                                            "(expected .../checkpoints/ckpt-*/progress.json)")
+                run_dir = checkpoint.parent.parent
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        ds.barrier()
-        return run_dir
+        run_dir, checkpoint = ds.broadcast_object((str(run_dir), checkpoint and str(checkpoint)))
+        return Path(run_dir), checkpoint and Path(checkpoint)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        progress, tuned, optimizer = read_checkpoint(path)
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(tuned) - set(params))
+        if missing:
+            raise RuntimeError(f"checkpoint {path} holds parameters this recipe's model lacks: {missing[:5]}; "
+                               "resume with the recipe that wrote it")
+        with torch.no_grad():  # before any engine exists: the module is still whole
+            for name, value in tuned.items():
+                params[name].copy_(value.to(params[name].dtype))
+        self.progress, self._optimizer_state, self._tuned = progress, optimizer, tuned
+        if self.dist.is_main:
+            tqdm.write(f"resuming from {path}: stage {progress.stage_index + 1}, step {progress.step}"
+                       f" (saved on {progress.world_size} ranks, now {self.dist.world_size})")
 
     def _load_backbone(self) -> Backbone:
         m = self.cfg.model
@@ -107,10 +168,11 @@ class PTPEFTRecipe:
 
     # --- train ----------------------------------------------------------------------------------------
     def train(self) -> None:
-        if self.cfg.eval.before_training:
+        p = self.progress
+        if self.cfg.eval.before_training and p.stage_index == 0 and p.step == 0 and not self.results:
             self.evaluate("before training", -1)
-        for index, stage in enumerate(self.cfg.stages):
-            self.run_stage(index, stage)
+        for index in range(p.stage_index, len(self.cfg.stages)):
+            self.run_stage(index, self.cfg.stages[index])
 
     def run_stage(self, index: int, stage: StageConfig) -> None:
         name = stage_name(stage, index)
@@ -119,23 +181,49 @@ class PTPEFTRecipe:
         steps = stage.steps or max(1, math.floor(stage.epochs * len(loader) / stage.grad_accum))
         ds_cfg = ds.resolve_ds_config(self.ds_template, stage, self.cfg.model.dtype, self.dist.world_size)
         engine = ds.build_engine(self.model, stage, ds_cfg, steps)
+        self._restore_into(engine, index)
         if self.dist.is_main:
             tqdm.write(f"[{name}] trains {', '.join(stage.train)}: {trainable:,} of {total:,} parameters "
                        f"({100 * trainable / total:.3f}%), {steps} steps")
-        before = ds.param_digests(self.model)
+        before = ds.param_digests(self.model) if self.cfg.check_frozen else {}
         self._train_steps(engine, loader, steps, name, index)
-        after = ds.param_digests(self.model)
+        after = ds.param_digests(self.model) if self.cfg.check_frozen else {}
         self._check_changes(before, after, stage, name)
         self._save_stage(engine, index, name, before, after)
         if stage.evaluate:  # while the engine lives: its hooks gather ZeRO-3 shards for generation
             self.evaluate(name, index, trainable=trainable, total=total)
+        self.progress = Progress(stage_index=index + 1, world_size=self.dist.world_size,
+                                 results=[asdict(r) for r in self.results])
+        self._checkpoint(engine, index, with_optimizer=False)
         ds.release(engine)
 
+    def _restore_into(self, engine, index: int) -> None:
+        """Mid-stage resume: optimizer moments, step count, schedule and RNG as they were saved."""
+        p = self.progress
+        if p.stage_index != index or self._tuned is None:
+            return
+        ds.restore_fp32(engine, self._tuned)  # bf16 module weights alone would round the masters
+        self._tuned = None  # used once: later stages start from the weights this process trained
+        if p.step == 0:
+            return
+        ds.set_optimizer_state(engine, self._optimizer_state, p.optimizer_step)
+        sched = engine.lr_scheduler
+        sched.load_state_dict(p.scheduler)
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr(), strict=True):
+            group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
+        if p.world_size == self.dist.world_size and p.rng:
+            set_rng_state(p.rng[self.dist.rank])
+        elif self.dist.is_main:
+            log.warning("resuming on %d ranks a run saved on %d: the data order per rank changes",
+                        self.dist.world_size, p.world_size)
+
     def _loader(self, stage: StageConfig, index: int) -> DataLoader:
-        sampler = DistributedSampler(self.train_records, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                     shuffle=True, seed=self.cfg.seed + index, drop_last=True)
+        sampler = ResumableSampler(self.train_records, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                   shuffle=True, seed=self.cfg.seed + index, drop_last=True)
+        # Its own generator: iterator creation must not draw from the global RNG, which resume restores.
         loader = DataLoader(self.train_records, batch_size=stage.batch_size, sampler=sampler,
-                            collate_fn=self.collator.train_batch, drop_last=True)
+                            collate_fn=self.collator.train_batch, drop_last=True,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
         if len(loader) == 0:
             raise ValueError(f"stage {index}: {len(self.train_records)} training records give no batch of "
                              f"{stage.batch_size} per rank on {self.dist.world_size} ranks; lower batch_size")
@@ -143,31 +231,76 @@ class PTPEFTRecipe:
 
     def _train_steps(self, engine, loader: DataLoader, steps: int, name: str, index: int) -> None:
         self.model.train()
-        device = engine.device
-        bar = tqdm(total=steps, desc=name, disable=not self.dist.is_main, dynamic_ncols=True)
-        step, epoch, t0, samples = 0, 0, time.time(), 0
-        while step < steps:
-            loader.sampler.set_epoch(epoch)
+        p = self.progress
+        if p.stage_index != index:
+            p = self.progress = Progress(stage_index=index, world_size=self.dist.world_size,
+                                         results=[asdict(r) for r in self.results])
+        bar = tqdm(total=steps, initial=p.step, desc=name, disable=not self.dist.is_main, dynamic_ncols=True)
+        t0, samples0, in_row = time.time(), p.samples, 0
+        every = self.cfg.checkpoint.every_steps
+        while p.step < steps:
+            loader.sampler.set_epoch(p.epoch)
+            loader.sampler.skip = p.batch_in_epoch * loader.batch_size
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
                 loss = engine(**batch).loss
+                p.batch_in_epoch += 1
+                if not self._all_finite(loss):
+                    p.nonfinite_skipped += 1
+                    in_row += 1
+                    self.logger.log(p.step, {"kind": "nonfinite", "stage": name, "skipped": p.nonfinite_skipped})
+                    if in_row >= self.cfg.max_nonfinite_in_row:
+                        raise NonFiniteLossError(
+                            f"[{name}] {in_row} non-finite losses in a row (step {p.step}); stopping. The last "
+                            f"checkpoint under {self.run_dir / 'checkpoints'} is intact: lower the lr and "
+                            "resume with --resume auto")
+                    continue
+                in_row = 0
                 engine.backward(loss)
                 engine.step()
-                samples += batch["input_ids"].shape[0] * self.dist.world_size
+                p.samples += batch["input_ids"].shape[0] * self.dist.world_size
                 if not engine.is_gradient_accumulation_boundary():
                     continue
-                step += 1
-                rate = samples / (time.time() - t0)
+                p.step += 1
+                rate = (p.samples - samples0) / (time.time() - t0)
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}")
                 bar.update(1)
-                if step % self.cfg.log_every == 0 or step == steps:
-                    self.logger.log(step, {"kind": "train", "stage": name, "stage_index": index, "step": step,
-                                           "loss": loss.item(), "lr": engine.get_lr()[0],
-                                           "samples_per_s": rate, "epoch": epoch})
-                if step >= steps:
+                if p.step % self.cfg.log_every == 0 or p.step == steps:
+                    self.logger.log(p.step, {"kind": "train", "stage": name, "stage_index": index, "step": p.step,
+                                             "loss": loss.item(), "lr": engine.get_lr()[0], "samples_per_s": rate,
+                                             "epoch": p.epoch, "nonfinite_skipped": p.nonfinite_skipped})
+                if every and p.step % every == 0 and p.step < steps:
+                    self._checkpoint(engine, index, with_optimizer=True)
+                if p.step >= steps:
                     break
-            epoch += 1
+            else:
+                p.epoch, p.batch_in_epoch = p.epoch + 1, 0
         bar.close()
+
+    @staticmethod
+    def _all_finite(loss: torch.Tensor) -> bool:
+        """Every rank must take the same branch: backward and step are collectives under ZeRO."""
+        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _checkpoint(self, engine, index: int, *, with_optimizer: bool) -> None:
+        """All ranks gather; rank 0 writes atomically."""
+        trained = {g for s in self.cfg.stages[: index + 1] for g in s.train}
+        names = {n for n, _ in self.model.named_parameters() if group_of(n) in trained}
+        tuned = ds.gather_state(self.model, names)
+        tuned.update(ds.trainable_fp32(engine))  # fp32 masters, not the (maybe bf16) module copies
+        p = self.progress
+        optimizer = None
+        if with_optimizer:
+            optimizer, p.optimizer_step = ds.get_optimizer_state(engine)
+            p.scheduler = engine.lr_scheduler.state_dict()
+        p.rng = ds.gather_objects(rng_state())
+        p.world_size = self.dist.world_size
+        if self.dist.is_main:
+            path = write_checkpoint(self.run_dir / "checkpoints", p, tuned, optimizer, self.cfg.checkpoint.keep_last)
+            self.logger.log(p.step, {"kind": "checkpoint", "stage_index": index, "path": str(path)})
+        ds.barrier()
 
     def _check_changes(self, before: dict, after: dict, stage: StageConfig, name: str) -> None:
         """Frozen groups must be bit-identical; a trained group that did not move means the stage trained
@@ -182,15 +315,14 @@ class PTPEFTRecipe:
                 raise RuntimeError(f"[{name}] group {group!r} was set to train but no parameter of it changed")
 
     def _save_stage(self, engine, index: int, name: str, before: dict, after: dict) -> None:
-        from ptscale.checkpoint import save_safetensors_atomic
-
         weights = ds.trainable_fp32(engine)
         if self.dist.is_main:
             stage_dir = self.run_dir / f"stage-{index + 1}-{name}"
             stage_dir.mkdir(parents=True, exist_ok=True)
             save_safetensors_atomic(weights, stage_dir / "trainable.safetensors",
                                     metadata={"stage": name, "groups": ",".join(self.cfg.stages[index].train)})
-            (stage_dir / "param_digests.json").write_text(json.dumps({"before": before, "after": after}))
+            if before:
+                write_text_atomic(stage_dir / "param_digests.json", json.dumps({"before": before, "after": after}))
         ds.barrier()
 
     # --- evaluate -------------------------------------------------------------------------------------
@@ -210,16 +342,15 @@ class PTPEFTRecipe:
             scores = score_captions(preds, refs)
             self.results.append(EvalPoint(point, index, trainable, total, scores.metrics, scores.unavailable))
             safe = point.replace(" ", "_")
-            (self.run_dir / f"captions-{safe}.json").write_text(json.dumps(
+            write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(
                 [{"image_id": k, "caption": v, "references": refs[k]} for k, v in sorted(preds.items())], indent=1))
             self.logger.log(0, {"kind": "eval", "stage": point, **scores.metrics})
             tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {scores.metrics[k]:.4f}" for k in METRICS))
             self._write_results()
+        self.results = ds.broadcast_object(self.results)
         ds.barrier()
 
     def _write_results(self) -> None:
-        from ptscale.checkpoint import write_text_atomic
-
         write_text_atomic(self.run_dir / "results.json", json.dumps(
             {"run_dir": str(self.run_dir), "world_size": self.dist.world_size,
              "evaluations": [asdict(r) for r in self.results]}, indent=1))
@@ -227,7 +358,9 @@ class PTPEFTRecipe:
     # --- cleanup --------------------------------------------------------------------------------------
     def cleanup(self) -> None:
         if self.dist.is_main:
-            print(results_table(self.results))
+            if self.results:
+                self._write_results()
+                print(results_table(self.results))
             print(f"run directory: {self.run_dir}")
         self.logger.close()
         ds.barrier()

@@ -69,8 +69,8 @@ def test_default_run_two_ranks_zero3(tmp_path):
 def test_torchrun_two_ranks_short_plan(tmp_path):
     out = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "launchers/train.py",
                    "--ds", "ds_configs/zero3.json", f"output_dir={tmp_path}", "run_name=tr",
-                   "eval.before_training=false", "eval.num_beams=1", "stages.0.steps=3", "stages.1.steps=3",
-                   "stages.0.evaluate=false"], timeout=900)
+                   "eval.before_training=false", "eval.num_beams=1", "methods.prefix.steps=3", "methods.lora.steps=3",
+                   "methods.prefix.evaluate=false"], timeout=900)
     run = tmp_path / "tr"
     assert _last_program_line(out) == f"run directory: {run}"
     results = json.loads((run / "results.json").read_text())
