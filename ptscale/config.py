@@ -58,6 +58,55 @@ class LoraConfig:
     dropout: float = 0.05
 
 
+Component = Literal["vision", "qformer", "language_model"]
+COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model")
+KINDS: tuple[str, ...] = ("sequential", "parallel")
+NONLINEARITIES: tuple[str, ...] = ("relu", "gelu")
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["sequential", "parallel"] = field(default="sequential", metadata={"help": (
+        "sequential: Houlsby et al. 2019, x -> x + s*A(x) after each attention output projection and each FFN "
+        "output; parallel: He et al. 2022, FFN(x) + s*A(x) beside each FFN")})
+    components: list[Component] = field(default_factory=lambda: ["qformer"], metadata={
+        "help": "BLIP-2 components whose layers get adapters"})
+    bottleneck: int | None = field(default=None, metadata={
+        "help": "bottleneck width; give this or budget, not both"})
+    budget: int | None = field(default=None, metadata={
+        "help": "target adapter parameter count; the bottleneck whose count is closest is used (paper table 2 "
+                "compares methods at matched trainable-parameter budgets)"})
+    scale: float = field(default=1.0, metadata={
+        "help": "multiplies the adapter output (He et al. use 4 for the parallel adapter; 1 is Houlsby's form)"})
+    nonlinearity: Literal["relu", "gelu"] = field(default="relu", metadata={"help": "between down and up projection"})
+    dropout: float = field(default=0.0, metadata={"help": "on the bottleneck activations, training only"})
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise RecipeError(f"adapter.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if not self.components:
+            raise RecipeError(f"adapter.components: empty; name at least one of {', '.join(COMPONENTS)}")
+        for comp in self.components:
+            if comp not in COMPONENTS:
+                raise RecipeError(f"adapter.components: unknown component {comp!r}; known: {', '.join(COMPONENTS)}")
+        if len(set(self.components)) != len(self.components):
+            raise RecipeError(f"adapter.components: listed twice in {self.components}")
+        if (self.bottleneck is None) == (self.budget is None):
+            given = "both" if self.bottleneck is not None else "neither"
+            raise RecipeError(f"adapter.bottleneck / adapter.budget: give exactly one (got {given}); budget picks "
+                              "the bottleneck whose adapter parameter count is closest to it")
+        for key in ("bottleneck", "budget"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise RecipeError(f"adapter.{key}: must be > 0, got {value}")
+        if self.scale <= 0:
+            raise RecipeError(f"adapter.scale: must be > 0, got {self.scale}")
+        if self.nonlinearity not in NONLINEARITIES:
+            raise RecipeError(f"adapter.nonlinearity: {self.nonlinearity!r} is not one of {', '.join(NONLINEARITIES)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RecipeError(f"adapter.dropout: must be in [0, 1), got {self.dropout}")
+
+
 @dataclass
 class StageConfig:
     name: str = ""
@@ -104,6 +153,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig | None = None  # S-Adapter / P-Adapter for stages that train "adapter"
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     stages: list[StageConfig] = field(default_factory=list)
@@ -158,8 +208,12 @@ def _apply_override(raw: dict, item: str) -> None:
     for part in parts[:-1]:
         if isinstance(node, list):
             node = node[_list_index(node, part, key)]
+        elif part.isdigit() and part not in node:
+            raise RecipeError(f"override {key!r}: no list to index with {part!r} (with a plan, set methods.<method>.*)")
         else:
             node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"override {key!r}: {part!r} holds a value, not a mapping")
     parsed = yaml.safe_load(value) if value != "" else ""
     if isinstance(node, list):
         node[_list_index(node, parts[-1], key)] = parsed
@@ -268,6 +322,9 @@ def validate(cfg: RunConfig) -> None:
             raise RecipeError(f"{key}.train: trains 'prefix' but every prefix.lengths is 0")
         if "lora" in stage.train and not has_lora:
             raise RecipeError(f"{key}.train: trains 'lora' but lora.targets is empty")
+        if "adapter" in stage.train and cfg.adapter is None:
+            raise RecipeError(f"{key}.train: trains 'adapter' but the recipe has no adapter section "
+                              "(e.g. adapter: {kind: sequential, components: [qformer], budget: 12288})")
         for name in ("lr", "batch_size", "grad_accum"):
             if getattr(stage, name) <= 0:
                 raise RecipeError(f"{key}.{name}: must be > 0, got {getattr(stage, name)}")

@@ -29,6 +29,7 @@ def test_overrides_apply_with_types():
     ("methods.prefix.batch_size=0", "stages.0.batch_size"),
     ("data.eval_size=0", "data.eval_size"),
     ("stages.5.lr=1", "stages.5.lr"),
+    ("model.dtype.x=1", "model.dtype.x"),
     ("methods.lora.warmup_ratio=1.5", "stages.1.warmup_ratio"),
     ("model.gradient_checkpointing=1", "model.gradient_checkpointing"),
 ])

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-
-from ptscale.prefix.plus import PlusLayer, PlusState, memory_term
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ptscale.prefix.plus import PlusLayer, PlusState, memory_term
 
 log = logging.getLogger(__name__)
 

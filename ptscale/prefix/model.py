@@ -1,94 +1,83 @@
-"""PrefixTunedModel: a transformers model plus one prefix encoder per target module.
+"""PrefixTunedModel: a transformers model plus one prefix module per target.
 
-Each forward (and each ``generate``) first runs the prefix encoders, then the wrapped model; every
+Each forward (and each ``generate``) first calls the prefix modules, then the wrapped model; every
 prefixed attention layer reads its slice through the attention hook (``ptscale.prefix.attention``).
-The Q-Former has no ``past_key_values``, which is why the prefix enters at the attention interface.
+The Q-Former has no ``past_key_values``, which is why the prefix enters at the attention interface;
+the same hook serves T5's encoder (which a past-key-values prefix cannot reach either), gradient
+checkpointing (the hook re-reads the stored prefixes on recomputation) and the KV cache (the cache
+holds sequence keys only; the prefix is added on every call).
+
+``self.prefixes[target]`` is a :class:`PrefixEncoder` (classic) or a :class:`PlusPrefix`
+(Prefix-Tuning+, holding the encoder as ``source``); :meth:`PrefixTunedModel.fold_prefixes` swaps
+each encoder for a :class:`FoldedPrefix`. Analysis switches (paper table 5): :meth:`prefixes_disabled`
+and :meth:`prefixes_replaced_by_noise`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ptscale.config import PrefixConfig
+from ptscale.models.groups import numel
 from ptscale.prefix.attention import ATTN_IMPLEMENTATION, PrefixSlot, PrefixStore, attach
-from ptscale.prefix.encoder import PrefixEncoder, PrefixShape
+from ptscale.prefix.encoder import FoldedPrefix, PrefixEncoder, PrefixShape
+from ptscale.prefix.plus import PlusPrefix, PlusState
+from ptscale.prefix.targets import PrefixHookError, check_reached, resolve
 
-
-class PrefixHookError(RuntimeError):
-    """A target's attention cannot take the prefix hook."""
-
-
-def _check_hookable(name: str, module: nn.Module) -> None:
-    src = inspect.getsource(type(module).forward)
-    if "ALL_ATTENTION_FUNCTIONS" not in src:
-        raise PrefixHookError(
-            f"{name} ({type(module).__name__}) does not dispatch through transformers' attention interface, "
-            "so a prefix cannot be injected there; remove this target from prefix.lengths")
-
-
-def _qformer_layers(base: nn.Module) -> list[tuple[str, nn.Module]]:
-    # Self-attention only: the Q-Former's cross-attention to the image carries no prefix.
-    return [(f"qformer.encoder.layer.{i}.attention.attention", layer.attention.attention)
-            for i, layer in enumerate(base.qformer.encoder.layer)]
-
-
-def _decoder_layers(base: nn.Module) -> list[tuple[str, nn.Module]]:
-    lm = base.language_model if hasattr(base, "language_model") else base
-    found = [(f"language_model.{n}", m) for n, m in lm.named_modules() if n.endswith("self_attn")]
-    if not found:
-        raise PrefixHookError(f"no self-attention modules (*.self_attn) found in {type(lm).__name__}")
-    return found
-
-
-TARGETS = {"qformer": _qformer_layers, "language_model": _decoder_layers}
-
-
-def _shape(layers: list[tuple[str, nn.Module]], config, length: int) -> PrefixShape:
-    _, first = layers[0]
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(first, "head_dim", None) or getattr(first, "attention_head_size", None)
-    return PrefixShape(num_layers=len(layers), num_heads=heads, head_dim=head_dim, length=length)
-
-
-def _target_config(base: nn.Module, target: str):
-    if target == "qformer":
-        return base.config.qformer_config
-    return base.config.text_config if hasattr(base.config, "text_config") else base.config
+__all__ = ["PrefixHookError", "PrefixTunedModel", "matched_norm_noise", "prefix_parameter_report"]
 
 
 class PrefixTunedModel(nn.Module):
-    """``base`` plus ``prefixes`` (an encoder per target). Parameter names start with ``base.`` or
+    """``base`` plus ``prefixes`` (a module per target). Parameter names start with ``base.`` or
     ``prefixes.``, which is what the parameter groups (``ptscale.models.groups``) match on."""
 
     def __init__(self, base: nn.Module, cfg: PrefixConfig) -> None:
         super().__init__()
         self.base = base
         self.prefixes = nn.ModuleDict()
+        self.kind = cfg.kind
         self._store = PrefixStore()
-        for target, length in cfg.lengths.items():
-            if length <= 0:
-                continue
-            layers = TARGETS[target](base)
-            for idx, (name, module) in enumerate(layers):
-                _check_hookable(name, module)
-                attach(module, PrefixSlot(self._store, target, idx))
-            shape = _shape(layers, _target_config(base, target), length)
-            self.prefixes[target] = PrefixEncoder(shape, encoder=cfg.encoder, hidden=cfg.encoder_hidden,
-                                                  type_embedding=cfg.type_embedding, init_std=cfg.init_std)
+        self._noise_seed: int | None = None
+        targets = [(resolve(base, t), n) for t, n in cfg.lengths.items() if n > 0]
+        owner: dict[str, str] = {}
+        for target, _ in targets:
+            for name, _module in target.layers:
+                if name in owner:
+                    raise PrefixHookError(f"{name} is in both prefix targets {owner[name]!r} and {target.name!r}; "
+                                          "give it a prefix length in one of them only")
+                owner[name] = target.name
         base.set_attn_implementation(ATTN_IMPLEMENTATION)
+        for target, length in targets:
+            for idx, (name, module) in enumerate(target.layers):
+                check_reached(name, module, ATTN_IMPLEMENTATION)
+                attach(module, PrefixSlot(self._store, target.name, idx))
+            shape = PrefixShape(num_layers=len(target.layers), num_heads=target.kv_heads, head_dim=target.head_dim,
+                                length=length)
+            encoder = PrefixEncoder(shape, encoder=cfg.encoder, hidden=cfg.encoder_hidden,
+                                    type_embedding=cfg.type_embedding, init_std=cfg.init_std)
+            self.prefixes[target.name] = (PlusPrefix(encoder, target.query_heads, cfg.feature_map)
+                                          if cfg.kind == "plus" else encoder)
 
     @property
     def config(self):
         return self.base.config
 
+    # --- running ---------------------------------------------------------------------------------------
     def _activate(self) -> None:
         # Kept until the next call: gradient checkpointing re-reads them during backward.
-        self._store.active = {t: enc() for t, enc in self.prefixes.items()}
+        noise = None if self._noise_seed is None else torch.Generator().manual_seed(self._noise_seed)
+        active: dict[str, torch.Tensor | PlusState] = {}
+        for target, module in self.prefixes.items():
+            out = module()  # a module call: ZeRO-3 gathers its parameters through its hooks
+            kv, gate = out if isinstance(out, tuple) else (out, None)
+            if noise is not None:
+                kv = matched_norm_noise(kv, noise)
+            active[target] = kv if gate is None else PlusState(kv, gate, module.feature_map)
+        self._store.active = active
 
     def forward(self, **batch):
         self._activate()
@@ -100,6 +89,7 @@ class PrefixTunedModel(nn.Module):
         with _gathered(list(self.base.parameters(recurse=False))):
             return self.base.generate(**kwargs)
 
+    # --- analysis (paper table 5) ----------------------------------------------------------------------
     @contextlib.contextmanager
     def prefixes_disabled(self) -> Iterator[None]:
         """Run the wrapped model as if it had no prefix (analysis, table 5 of the paper)."""
@@ -109,15 +99,71 @@ class PrefixTunedModel(nn.Module):
         finally:
             self._store.enabled = True
 
+    @contextlib.contextmanager
+    def prefixes_replaced_by_noise(self, seed: int) -> Iterator[None]:
+        """Replace every prefix key/value block by Gaussian noise of the same Frobenius norm, per target,
+        layer and K/V (table 5, "-Prefix +Noise"), without retraining. The same seed gives the same noise.
+        Prefix-Tuning+ keeps its trained gates; only the memory keys/values become noise."""
+        previous, self._noise_seed = self._noise_seed, seed
+        try:
+            yield
+        finally:
+            self._noise_seed = previous
+
+    # --- folding ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_prefixes(self) -> None:
+        """Replace each prefix encoder by its output, static keys/values (appendix B.1): same outputs, no
+        encoder compute. Parameters created here are new objects: fold before building an optimizer or a
+        DeepSpeed engine, or for inference and export."""
+        for target in list(self.prefixes):
+            module = self.prefixes[target]
+            source = module.source if isinstance(module, PlusPrefix) else module
+            if isinstance(source, FoldedPrefix):
+                continue
+            folded = FoldedPrefix(source())  # the encoder's own forward
+            folded.kv.requires_grad_(any(p.requires_grad for p in source.parameters()))
+            if isinstance(module, PlusPrefix):
+                module.source = folded
+            else:
+                self.prefixes[target] = folded
+
+    def folded(self) -> dict[str, bool]:
+        """target -> whether its prefix is folded (static keys/values)."""
+        return {t: isinstance(m.source if isinstance(m, PlusPrefix) else m, FoldedPrefix)
+                for t, m in self.prefixes.items()}
+
+
+def matched_norm_noise(kv: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard-normal noise shaped like ``kv`` (layers, 2, H, P, D), each [layer, K/V] block rescaled to
+    that block's Frobenius norm. Drawn on the CPU in float32 (device-independent), then cast."""
+    noise = torch.randn(kv.shape, generator=generator, dtype=torch.float32).to(device=kv.device, dtype=kv.dtype)
+    target = kv.detach().flatten(2).norm(dim=-1)  # (layers, 2)
+    current = noise.flatten(2).norm(dim=-1).clamp_min(torch.finfo(noise.dtype).tiny)
+    return noise * (target / current)[:, :, None, None, None]
+
+
+def prefix_parameter_report(model: PrefixTunedModel) -> dict[str, dict[str, float | int]]:
+    """target -> {"params": trainable-prefix elements of that target, "share": params / all model params}.
+    Counts full sizes under ZeRO-3 (``ds_numel``)."""
+    total = sum(numel(p) for p in model.parameters())
+    report: dict[str, dict[str, float | int]] = {}
+    for target, module in model.prefixes.items():
+        n = sum(numel(p) for p in module.parameters())
+        report[target] = {"params": n, "share": n / total}
+    return report
+
 
 @contextlib.contextmanager
-def _gathered(params: list[nn.Parameter]) -> Iterator[None]:
-    """``generate`` reads top-level parameters (BLIP-2's query_tokens) outside any module forward,
-    where ZeRO-3's hooks would not gather them."""
+def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full ZeRO-3 parameters inside the block (a no-op without ZeRO-3). ``generate`` reads top-level
+    parameters (BLIP-2's query_tokens) outside any module forward, where ZeRO-3's hooks would not gather
+    them; saving and loading prefixes read and write whole tensors (``modifier_rank``: the rank whose
+    writes are kept)."""
     if not any(hasattr(p, "ds_id") for p in params):
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,9 +31,15 @@ OVERRIDES = ["eval.before_training=false", "methods.prefix.steps=6", "methods.lo
 N_CHECKPOINTS = 6
 
 
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def launch(out: Path, name: str, *extra: str, ranks: int = 2) -> subprocess.Popen:
     bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "launchers/train.py",
+    cmd = [str(bin_dir / "deepspeed"), "--master_port", _free_port(), "--num_gpus", str(ranks), "launchers/train.py",
            "--ds", "ds_configs/zero3.json", f"output_dir={out}", f"run_name={name}", *OVERRIDES, *extra]
     log = open(out / f"{name}.log", "a")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

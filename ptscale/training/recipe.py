@@ -35,11 +35,10 @@ from ptscale.data.collate import CaptionCollator
 from ptscale.data.synthetic import make_split
 from ptscale.eval.generate import generate_captions
 from ptscale.models.backbone import Backbone, ensure_default_backbone, load_backbone
+from ptscale.models.build import build_model
 from ptscale.models.groups import group_of, group_sizes, set_trainable
-from ptscale.prefix.model import PrefixTunedModel
 from ptscale.training import engine as ds
 from ptscale.training.logger import MetricLogger
-from ptscale.tuners.lora import inject_lora
 
 log = logging.getLogger("ptscale")
 
@@ -96,7 +95,7 @@ class PTPEFTRecipe:
         self.run_dir, checkpoint = self._run_dir_and_checkpoint()
         self.logger = MetricLogger(self.run_dir, self.dist.is_main)
         self.backbone = self._load_backbone()
-        self.model = self._wrap(self.backbone)
+        self.model = build_model(cfg, self.backbone)
         self.collator = CaptionCollator(self.backbone.image_processor, self.backbone.tokenizer,
                                         self.backbone.num_query_tokens, self.backbone.image_token_id,
                                         prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
@@ -128,7 +127,7 @@ class PTPEFTRecipe:
                                             "(expected .../checkpoints/ckpt-*/progress.json)")
                 run_dir = checkpoint.parent.parent
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            (run_dir / "recipe.yaml").write_text(saved_recipe(self.cfg))
         run_dir, checkpoint = ds.broadcast_object((str(run_dir), checkpoint and str(checkpoint)))
         return Path(run_dir), checkpoint and Path(checkpoint)
 
@@ -151,14 +150,6 @@ class PTPEFTRecipe:
         m = self.cfg.model
         path = m.path or ensure_default_backbone(m, rank=self.dist.rank, barrier=ds.barrier)
         return load_backbone(path, m.dtype)
-
-    def _wrap(self, backbone: Backbone) -> PrefixTunedModel:
-        model = PrefixTunedModel(backbone.model, self.cfg.prefix)
-        if any("lora" in s.train for s in self.cfg.stages):
-            inject_lora(model, self.cfg.lora)
-        if self.cfg.model.gradient_checkpointing:
-            backbone.model.gradient_checkpointing_enable({"use_reentrant": False})
-        return model
 
     def _data(self) -> tuple[list[dict], list[dict]]:
         d = self.cfg.data
@@ -364,6 +355,12 @@ class PTPEFTRecipe:
             print(f"run directory: {self.run_dir}")
         self.logger.close()
         ds.barrier()
+
+
+def saved_recipe(cfg: RunConfig) -> str:
+    """The resolved recipe, loadable as is: a plan is saved as the stages it expanded into."""
+    head = f"# plan: {cfg.plan} (expanded into the stages below)\n" if cfg.plan else ""
+    return head + yaml.safe_dump({**to_dict(cfg), "plan": None}, sort_keys=False)
 
 
 def results_table(results: list[EvalPoint]) -> str:

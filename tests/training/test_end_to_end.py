@@ -4,6 +4,7 @@ The default backbone comes from the user cache (built by the first run on a mach
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def _launch(cmd: list[str], timeout: int) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A free rendezvous port per launch: the launchers' default (29500) collides with any other run.
+    cmd = [cmd[0], "--master_port", free_port(), *cmd[1:]]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
@@ -79,8 +88,8 @@ def test_torchrun_two_ranks_short_plan(tmp_path):
 
 
 def test_bad_recipe_fails_before_any_model_is_built(tmp_path):
-    proc = subprocess.run([sys.executable, "launchers/train.py", "stages.0.train=[prefix, wings]"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "launchers/train.py", "plan=null", "stages=[{train: [prefix, wings]}]"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "stages.0.train: unknown parameter group 'wings'" in proc.stderr
     assert "Traceback" not in proc.stderr

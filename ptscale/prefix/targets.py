@@ -1,0 +1,201 @@
+"""Where prefixes go: target names -> the attention modules that take them, per architecture.
+
+A target is a set of self-attention layers that share one prefix encoder (one prefix length):
+
+=================  =============================================================================
+model type         targets
+=================  =============================================================================
+blip-2             qformer (Q-Former self-attention; never its cross-attention to the image),
+                   vision (ViT self-attention), language_model (every LM self-attention),
+                   encoder / decoder (Flan-T5 language model only: its encoder / decoder
+                   self-attention; never the decoder's cross-attention)
+opt, llama, qwen2  language_model (every ``*.self_attn``; grouped-query attention: the prefix
+                   lives on the KV heads)
+t5                 encoder, decoder, language_model (= encoder + decoder)
+blip               vision, encoder (BlipForQuestionAnswering's text encoder), decoder (text
+                   decoder), language_model (= text encoder + decoder)
+=================  =============================================================================
+
+A module gets a prefix only if its ``forward`` dispatches through transformers' attention interface
+(``ALL_ATTENTION_FUNCTIONS``) and ``set_attn_implementation`` reaches its config. Anything else raises
+:class:`PrefixHookError` naming the module: a prefix is never silently dropped. In transformers 5.23,
+T5Attention dispatches (with its relative-position bias as ``position_bias``); BLIP's attention
+(``BlipAttention``, ``BlipTextSelfAttention``) does not, so every BLIP target raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from ptscale.config import PREFIX_TARGETS
+
+
+class PrefixHookError(RuntimeError):
+    """A target's attention cannot take the prefix hook (or the model has no such target)."""
+
+
+Layers = list[tuple[str, nn.Module]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The layers of one target and their attention geometry."""
+
+    name: str
+    layers: Layers
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+# --- finders: model -> [(module path, attention module)] ---------------------------------------------
+def _lm_self_attention(lm: nn.Module, root: str) -> Layers:
+    found = [(f"{root}{n}", m) for n, m in lm.named_modules() if n.endswith("self_attn")]
+    if not found:
+        raise PrefixHookError(f"no self-attention modules (*.self_attn) found in {type(lm).__name__}")
+    return found
+
+
+def _t5_self_attention(t5: nn.Module, root: str, stack: str) -> Layers:
+    # T5Block.layer[0] is T5LayerSelfAttention; the decoder's layer[1] (cross-attention) gets no prefix.
+    blocks = getattr(t5, stack).block
+    return [(f"{root}{stack}.block.{i}.layer.0.SelfAttention", b.layer[0].SelfAttention)
+            for i, b in enumerate(blocks)]
+
+
+def _bert_self_attention(encoder: nn.Module, root: str) -> Layers:
+    return [(f"{root}layer.{i}.attention.self", layer.attention.self) for i, layer in enumerate(encoder.layer)]
+
+
+def _vit_self_attention(vision: nn.Module, root: str) -> Layers:
+    return [(f"{root}encoder.layers.{i}.self_attn", layer.self_attn)
+            for i, layer in enumerate(vision.encoder.layers)]
+
+
+def _blip2_lm_is_t5(base: nn.Module) -> bool:
+    return not base.config.use_decoder_only_language_model
+
+
+def _blip2_lm(base: nn.Module, part: str) -> Layers:
+    lm = base.language_model
+    if not _blip2_lm_is_t5(base):
+        if part != "language_model":
+            raise PrefixHookError(f"prefix target {part!r}: BLIP-2's language model {type(lm).__name__} is "
+                                  "decoder-only; use the target 'language_model'")
+        return _lm_self_attention(lm, "language_model.")
+    stacks = ("encoder", "decoder") if part == "language_model" else (part,)
+    return [x for s in stacks for x in _t5_self_attention(lm, "language_model.", s)]
+
+
+def _t5(base: nn.Module, part: str) -> Layers:
+    stacks = ("encoder", "decoder") if part == "language_model" else (part,)
+    return [x for s in stacks for x in _t5_self_attention(base, "", s)]
+
+
+def _blip_text(base: nn.Module, part: str) -> Layers:
+    found: Layers = []
+    if part in ("encoder", "language_model") and hasattr(base, "text_encoder"):
+        found += _bert_self_attention(base.text_encoder.encoder, "text_encoder.encoder.")
+    if part in ("decoder", "language_model"):
+        found += _bert_self_attention(base.text_decoder.bert.encoder, "text_decoder.bert.encoder.")
+    if not found:
+        raise PrefixHookError(f"prefix target {part!r}: {type(base).__name__} has no text encoder; "
+                              "use 'decoder' (or 'language_model')")
+    return found
+
+
+FINDERS: dict[str, dict[str, Callable[[nn.Module], Layers]]] = {
+    "blip-2": {
+        "qformer": lambda m: [(f"qformer.encoder.layer.{i}.attention.attention", layer.attention.attention)
+                              for i, layer in enumerate(m.qformer.encoder.layer)],
+        "vision": lambda m: _vit_self_attention(m.vision_model, "vision_model."),
+        "language_model": lambda m: _blip2_lm(m, "language_model"),
+        "encoder": lambda m: _blip2_lm(m, "encoder"),
+        "decoder": lambda m: _blip2_lm(m, "decoder"),
+    },
+    "t5": {part: (lambda m, p=part: _t5(m, p)) for part in ("encoder", "decoder", "language_model")},
+    "blip": {
+        "vision": lambda m: _vit_self_attention(m.vision_model, "vision_model."),
+        **{part: (lambda m, p=part: _blip_text(m, p)) for part in ("encoder", "decoder", "language_model")},
+    },
+    **{t: {"language_model": lambda m: _lm_self_attention(m, "")} for t in ("opt", "llama", "qwen2")},
+}
+_unknown = {t for f in FINDERS.values() for t in f} - set(PREFIX_TARGETS)
+if _unknown:  # the recipe validation (ptscale.config.PREFIX_TARGETS) must know every target
+    raise RuntimeError(f"prefix targets {sorted(_unknown)} are missing from ptscale.config.PREFIX_TARGETS")
+
+
+def find_layers(base: nn.Module, target: str) -> Layers:
+    model_type = base.config.model_type
+    if model_type not in FINDERS:
+        raise PrefixHookError(f"no prefix targets known for model type {model_type!r} ({type(base).__name__}); "
+                              f"supported: {', '.join(FINDERS)} (ptscale.prefix.targets.FINDERS)")
+    finders = FINDERS[model_type]
+    if target not in finders:
+        raise PrefixHookError(f"prefix target {target!r} does not exist for {model_type} ({type(base).__name__}); "
+                              f"its targets: {', '.join(finders)}")
+    layers = finders[target](base)
+    if not layers:
+        raise PrefixHookError(f"prefix target {target!r}: no attention layers found in {type(base).__name__}")
+    return layers
+
+
+# --- checks and geometry ------------------------------------------------------------------------------
+def check_dispatch(name: str, module: nn.Module) -> None:
+    """Before ``set_attn_implementation``: the module must call the attention interface."""
+    src = inspect.getsource(type(module).forward)
+    if "ALL_ATTENTION_FUNCTIONS" not in src:
+        raise PrefixHookError(
+            f"{name} ({type(module).__name__}) does not dispatch through transformers' attention interface, "
+            "so a prefix cannot be injected there; remove this target from prefix.lengths")
+
+
+def check_reached(name: str, module: nn.Module, implementation: str) -> None:
+    """After ``set_attn_implementation``: the module's config must select our attention function."""
+    got = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if got != implementation:
+        raise PrefixHookError(f"{name} ({type(module).__name__}) selects attention {got!r} after "
+                              f"set_attn_implementation({implementation!r}), so its prefix would be ignored")
+
+
+def _first(module: nn.Module, *names: str) -> int | None:
+    for n in names:
+        value = getattr(module, n, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def geometry(name: str, module: nn.Module) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of an attention module, checked against its key projection."""
+    head_dim = _first(module, "head_dim", "attention_head_size", "key_value_proj_dim")
+    query_heads = _first(module, "num_heads", "num_attention_heads", "n_heads")
+    if query_heads is None and hasattr(module, "config"):
+        query_heads = module.config.num_attention_heads
+    if head_dim is None or query_heads is None:
+        raise PrefixHookError(f"{name} ({type(module).__name__}): cannot read its head count / head dim")
+    kv_heads = query_heads // getattr(module, "num_key_value_groups", 1)  # grouped-query attention
+    key_proj = next((p for p in (getattr(module, n, None) for n in ("k_proj", "key", "k")) if isinstance(p, nn.Linear)),
+                    None)
+    if key_proj is not None and key_proj.out_features != kv_heads * head_dim:
+        raise PrefixHookError(f"{name} ({type(module).__name__}): key projection gives {key_proj.out_features} "
+                              f"features, not {kv_heads} KV heads x {head_dim}")
+    return query_heads, kv_heads, head_dim
+
+
+def resolve(base: nn.Module, target: str) -> Target:
+    """The target's layers (each checked to dispatch through the attention interface) and geometry."""
+    layers = find_layers(base, target)
+    shapes = set()
+    for name, module in layers:
+        check_dispatch(name, module)
+        shapes.add(geometry(name, module))
+    if len(shapes) != 1:
+        raise PrefixHookError(f"prefix target {target!r}: its layers differ in attention geometry {sorted(shapes)}; "
+                              "one prefix encoder needs one geometry")
+    (query_heads, kv_heads, head_dim), = shapes
+    return Target(target, layers, query_heads, kv_heads, head_dim)

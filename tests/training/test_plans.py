@@ -1,0 +1,31 @@
+"""Every plan family on 2 ranks under ZeRO-3: each stage changes exactly its groups (all parameters gathered
+and hashed before and after the stage), and nothing else."""
+
+import pytest
+
+from ptscale.config import load_recipe
+from tests.training.test_end_to_end import _changed, _launch
+
+BIN = _launch.__globals__["BIN"]
+FAST = ["eval.before_training=false", "data.train_size=128", "checkpoint.every_steps=0"]
+METHODS = ("methods={prefix: {steps: 2, lr: 1.0e-3, evaluate: false}, lora: {steps: 2, lr: 1.0e-3, evaluate: false},"
+           " adapter: {steps: 2, lr: 1.0e-3, evaluate: false}, full: {steps: 2, lr: 1.0e-4, evaluate: false}}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan, extra, expected", [
+    ("alternate(prefix,lora,2)", [], [{"prefix"}, {"lora"}, {"prefix"}, {"lora"}]),
+    ("adapter->prefix", ["adapter={kind: parallel, components: [qformer, language_model], budget: 4000}"],
+     [{"adapter"}, {"adapter", "prefix"}]),
+    ("prefix+full", [], [{"prefix", "vision", "qformer", "projection", "language_model"}]),
+    ("prefix->adapter", ["adapter={kind: sequential, components: [qformer], bottleneck: 4}"],
+     [{"prefix"}, {"prefix", "adapter"}]),
+])
+def test_plan_changes_exactly_its_groups(tmp_path, plan, extra, expected):
+    _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
+             f"output_dir={tmp_path}", "run_name=p", f"plan={plan}", METHODS, *FAST, *extra], timeout=900)
+    stage_dirs = sorted((tmp_path / "p").glob("stage-*"), key=lambda d: int(d.name.split("-")[1]))
+    assert [_changed(d) for d in stage_dirs] == expected
+    saved = load_recipe(tmp_path / "p" / "recipe.yaml")  # the run's recipe reloads as is
+    assert [set(s.train) for s in saved.stages] == expected
+    assert (tmp_path / "p" / "recipe.yaml").read_text().startswith(f"# plan: {plan}")

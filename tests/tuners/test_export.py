@@ -1,0 +1,156 @@
+"""Exports: LoRA in PEFT's format (checked against PeftModel's own save and load) and the merged model
+(checked by reloading with transformers and re-applying the prefixes)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+from ptscale.config import LoraConfig, PrefixConfig
+from ptscale.prefix.model import PrefixTunedModel
+from ptscale.tuners.adapter import AdapterConfig, inject_adapters
+from ptscale.tuners.export import PREFIX_FILE, ExportError, export_lora_peft, export_merged, load_merged
+from ptscale.tuners.lora import inject_lora
+
+QKV = ["attention.attention.query", "attention.attention.key", "attention.attention.value"]
+LORA = LoraConfig(targets={"qformer": QKV}, r=4, alpha=8, dropout=0.05)
+
+
+def _batch(model):
+    torch.manual_seed(1)
+    q, img = model.config.num_query_tokens, model.config.image_token_id
+    ids = torch.tensor([[img] * q + [2, 7, 8, 9, 10], [img] * q + [2, 7, 8, 1, 1]])
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    return {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def trained(tiny_backbone):
+    """A LoRA + prefix model whose LoRA B and prefixes are non-zero (as after training), the untouched base
+    model it was built from, and the tokenizer / image processor."""
+    base, tok, proc = tiny_backbone
+    pristine = copy.deepcopy(base)
+    model = PrefixTunedModel(base, PrefixConfig(lengths={"qformer": 3, "language_model": 3}, encoder_hidden=8,
+                                                init_std=0.5))
+    inject_lora(model, LORA)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval(), pristine, tok, proc
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_lora_peft_export_loads_in_peft_with_same_logits(trained, tmp_path):
+    model, pristine, _, _ = trained
+    batch = _batch(pristine)
+    with model.prefixes_disabled():
+        ours = _logits(model, batch)
+    assert not torch.allclose(ours, _logits(pristine, batch))  # the LoRA update is not zero
+
+    export_lora_peft(model, tmp_path / "ours", LORA)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(loaded, batch), ours)
+
+    # same files as PEFT's own save_pretrained for the same targets
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    reference = get_peft_model(copy.deepcopy(pristine), PeftLoraConfig(
+        r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout, target_modules=cfg["target_modules"]))
+    reference.save_pretrained(str(tmp_path / "peft"))
+    ref_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert len(cfg["target_modules"]) == 3 * pristine.config.qformer_config.num_hidden_layers
+    # identical config, up to the order of the target set
+    cfg["target_modules"], ref_cfg["target_modules"] = sorted(cfg["target_modules"]), sorted(ref_cfg["target_modules"])
+    assert cfg == ref_cfg
+
+
+def test_lora_peft_export_from_gathered_state(trained, tmp_path):
+    model, _, _, _ = trained
+    state = {n: p.detach() * 3 for n, p in model.named_parameters() if ".lora_" in n}
+    export_lora_peft(model, tmp_path, LORA, state=state)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    name = "qformer.encoder.layer.1.attention.attention.value"
+    torch.testing.assert_close(saved[f"base_model.model.{name}.lora_B.weight"],
+                               state[f"base.{name}.lora_B.default.weight"])
+    missing = dict(state)
+    missing.pop(f"base.{name}.lora_A.default.weight")
+    with pytest.raises(ExportError, match="state has no base.qformer.encoder.layer.1"):
+        export_lora_peft(model, tmp_path / "x", LORA, state=missing)
+    with pytest.raises(ExportError, match="trained with r=4"):
+        export_lora_peft(model, tmp_path / "y", LoraConfig(targets=LORA.targets, r=4, alpha=16))
+
+
+def test_merged_export_reloads_with_same_logits(trained, tmp_path):
+    model, pristine, tok, proc = trained
+    batch = _batch(pristine)
+    with_prefix = _logits(model, batch)
+    with model.prefixes_disabled():
+        without = _logits(model, batch)
+    assert not torch.allclose(with_prefix, without)
+
+    export_merged(model, tmp_path, tokenizer=tok, image_processor=proc)
+    plain = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    assert not any(".lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(_logits(plain, batch), without)  # LoRA is in the weights
+
+    reloaded = load_merged(tmp_path)
+    assert all(reloaded.folded().values()) and set(reloaded.folded()) == {"qformer", "language_model"}
+    torch.testing.assert_close(_logits(reloaded, batch), with_prefix)
+
+    # the exported model is left as it was: LoRA unmerged, prefixes unfolded
+    assert any(".lora_B." in n for n, _ in model.named_parameters())
+    assert not any(model.folded().values())
+    torch.testing.assert_close(_logits(model, batch), with_prefix, rtol=0, atol=0)
+    # and the tokenizer / image processor travel with the weights
+    assert AutoTokenizer.from_pretrained(str(tmp_path))("a photo of")["input_ids"] == tok("a photo of")["input_ids"]
+    assert (tmp_path / "preprocessor_config.json").is_file()
+
+
+def test_merged_export_prefix_tuning_plus(tiny_backbone, tmp_path):
+    """Prefix-Tuning+ (gated memory, its own parameters beside the folded keys/values) and no LoRA."""
+    base, _, _ = tiny_backbone
+    model = PrefixTunedModel(base, PrefixConfig(lengths={"qformer": 2, "language_model": 3}, kind="plus",
+                                                encoder_hidden=8, feature_map="relu")).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.prefixes.parameters():  # gates start at 0: make the memory matter
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    batch = _batch(base)
+    expected = _logits(model, batch)
+    with model.prefixes_disabled():
+        assert not torch.allclose(_logits(model, batch), expected)
+    export_merged(model, tmp_path)
+    reloaded = load_merged(tmp_path)
+    assert reloaded.kind == "plus" and {m.feature_map for m in reloaded.prefixes.values()} == {"relu"}
+    torch.testing.assert_close(_logits(reloaded, batch), expected)
+
+
+def test_merged_export_without_prefixes(tiny_backbone, tmp_path):
+    base, _, _ = tiny_backbone
+    model = PrefixTunedModel(base, PrefixConfig(lengths={})).eval()
+    export_merged(model, tmp_path)
+    assert not (tmp_path / PREFIX_FILE).exists()
+    batch = _batch(base)
+    torch.testing.assert_close(_logits(load_merged(tmp_path), batch), _logits(model, batch))
+
+
+def test_merged_export_refuses_adapters(tiny_backbone, tmp_path):
+    base, _, _ = tiny_backbone
+    model = PrefixTunedModel(base, PrefixConfig(lengths={"qformer": 0, "language_model": 0}))
+    inject_adapters(model, AdapterConfig(kind="parallel", components=["qformer"], bottleneck=2))
+    with pytest.raises(ExportError, match="adapters, which cannot be merged"):
+        export_merged(model, tmp_path)
+    assert not any(tmp_path.iterdir())
