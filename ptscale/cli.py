@@ -45,6 +45,7 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from ptscale.config import RecipeError
+    from ptscale.data.bad_data import BadDataError, EmptySplitError
 
     parser = argparse.ArgumentParser(prog="ptscale")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"ptscale: recipe error: {e}", file=sys.stderr)
         return 2
+    except (BadDataError, EmptySplitError) as e:
+        print(f"ptscale: data error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -124,13 +124,25 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["synthetic"] = "synthetic"
+    name: Literal["synthetic", "coco", "flickr30k", "vqav2"] = "synthetic"
     task: str = "downstream"  # synthetic: "pretrain" (broad) or "downstream" (the adaptation task)
+    # synthetic: split sizes; real datasets: caps on the examples used (the first N; 0 = all)
     train_size: int = 1024
     eval_size: int = 64
     seed: int = 1234
-    prompt: str = ""  # text before the caption (BLIP-2 uses "a photo of")
+    prompt: str = ""  # text before the caption (BLIP-2 uses "a photo of"); VQA: a template with {}
     max_text_len: int = 24
+    on_bad_data: Literal["error", "skip"] = "error"  # a missing/corrupt image, an empty caption, ...
+    # COCO / Flickr30k in the Karpathy split: dataset_coco.json / dataset_flickr30k.json + the image root
+    karpathy_json: str | None = None
+    image_root: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    # VQAv2: the official questions / annotations JSON of the training and evaluation splits
+    vqa_train_questions: str | None = None
+    vqa_train_annotations: str | None = None
+    vqa_eval_questions: str | None = None
+    vqa_eval_annotations: str | None = None
 
 
 @dataclass
@@ -332,12 +344,37 @@ def validate(cfg: RunConfig) -> None:
             raise RecipeError(f"{key}.epochs: must be > 0 (or set steps)")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             raise RecipeError(f"{key}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
-    if cfg.data.train_size <= 0 or cfg.data.eval_size <= 0:
-        raise RecipeError("data.train_size / data.eval_size: must be > 0 (an empty split cannot train or evaluate)")
+    _validate_data(cfg.data)
     if cfg.eval.num_beams < 1:
         raise RecipeError(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise RecipeError("eval.min_new_tokens: larger than eval.max_new_tokens")
+
+
+_DATA_FILES = {
+    "coco": ("karpathy_json", "image_root"),
+    "flickr30k": ("karpathy_json", "image_root"),
+    "vqav2": ("vqa_train_questions", "vqa_train_annotations", "vqa_eval_questions", "vqa_eval_annotations",
+              "image_root"),
+}
+
+
+def _validate_data(d: DataConfig) -> None:
+    if d.name == "synthetic":
+        if d.train_size <= 0 or d.eval_size <= 0:
+            raise RecipeError("data.train_size / data.eval_size: must be > 0 (an empty split cannot train or "
+                              "evaluate)")
+        return
+    if d.train_size < 0 or d.eval_size < 0:
+        raise RecipeError("data.train_size / data.eval_size: caps must be >= 0 (0 = the whole split)")
+    for key in _DATA_FILES[d.name]:
+        value = getattr(d, key)
+        if value is None:
+            raise RecipeError(f"data.{key}: required for data.name={d.name}")
+        if not Path(value).exists():
+            raise RecipeError(f"data.{key}: {value} does not exist")
+    if d.name == "vqav2" and d.prompt and "{}" not in d.prompt:
+        raise RecipeError(f"data.prompt: a VQA prompt needs a {{}} for the question, got {d.prompt!r}")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -21,8 +21,10 @@ class CaptionCollator:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _head(self) -> list[int]:
-        return [self.image_token_id] * self.num_query_tokens + [self.tokenizer.bos_token_id] + self._ids(self.prompt)
+    def _head(self, record: dict) -> list[int]:
+        """Image tokens, BOS, then the record's own prompt (VQA questions) or the collator's."""
+        prompt = record.get("prompt", self.prompt)
+        return [self.image_token_id] * self.num_query_tokens + [self.tokenizer.bos_token_id] + self._ids(prompt)
 
     def pixels(self, records: list[dict]) -> torch.Tensor:
         """Processed images; records may carry ``pixel_values`` already (processed once, reused)."""
@@ -37,10 +39,10 @@ class CaptionCollator:
 
     def train_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
         """Right-padded teacher-forcing batch; labels are -100 outside the caption."""
-        head = self._head()
         rows, labels = [], []
-        sep = " " if self.prompt else ""
         for r in records:
+            head = self._head(r)
+            sep = " " if r.get("prompt", self.prompt) else ""
             cap = self._ids(sep + r["target"])[: self.max_text_len] + [self.tokenizer.eos_token_id]
             rows.append(head + cap)
             labels.append([IGNORE] * len(head) + cap)
@@ -53,6 +55,10 @@ class CaptionCollator:
                 "attention_mask": attention_mask, "labels": label_t}
 
     def generation_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        """The same head for every image (one prompt), so no padding is needed."""
-        head = torch.tensor([self._head()] * len(records))
-        return {"pixel_values": self.pixels(records), "input_ids": head, "attention_mask": torch.ones_like(head)}
+        """Left-padded heads (a decoder-only LM continues from the last position of every row)."""
+        heads = [self._head(r) for r in records]
+        width = max(map(len, heads))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads])
+        attention_mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
+        return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask}

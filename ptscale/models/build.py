@@ -23,5 +23,5 @@ def build_model(cfg: RunConfig, backbone: Backbone) -> PrefixTunedModel:
         log.warning("%s adapters in %s: bottleneck %d, %s parameters", cfg.adapter.kind,
                     ", ".join(cfg.adapter.components), injected.bottleneck, f"{injected.num_params:,}")
     if cfg.model.gradient_checkpointing:
-        backbone.model.gradient_checkpointing_enable({"use_reentrant": False})
+        backbone.model.activation_checkpointing_enable({"use_reentrant": False})
     return model

@@ -31,8 +31,9 @@ from ptscale.checkpoint import (
     write_text_atomic,
 )
 from ptscale.config import RunConfig, StageConfig, to_dict
+from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, collate_skipping
 from ptscale.data.collate import CaptionCollator
-from ptscale.data.synthetic import make_split
+from ptscale.data.sources import load_splits
 from ptscale.eval.generate import generate_captions
 from ptscale.models.backbone import Backbone, ensure_default_backbone, load_backbone
 from ptscale.models.build import build_model
@@ -43,6 +44,7 @@ from ptscale.training.logger import MetricLogger
 log = logging.getLogger("ptscale")
 
 METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+VQA_METRICS = ("VQA_accuracy",)
 
 
 @dataclass
@@ -99,7 +101,9 @@ class PTPEFTRecipe:
         self.collator = CaptionCollator(self.backbone.image_processor, self.backbone.tokenizer,
                                         self.backbone.num_query_tokens, self.backbone.image_token_id,
                                         prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
-        self.train_records, self.eval_records = self._data()
+        self.splits = load_splits(cfg.data, self.collator)
+        self.train_records, self.eval_records = self.splits.train, self.splits.eval
+        self.bad_data = BadDataReport()
         self.zero3 = ds.zero_stage(self.ds_template) == 3
         self.progress, self._optimizer_state, self._tuned = Progress(world_size=self.dist.world_size), None, None
         if checkpoint is not None:
@@ -150,12 +154,6 @@ class PTPEFTRecipe:
         m = self.cfg.model
         path = m.path or ensure_default_backbone(m, rank=self.dist.rank, barrier=ds.barrier)
         return load_backbone(path, m.dtype)
-
-    def _data(self) -> tuple[list[dict], list[dict]]:
-        d = self.cfg.data
-        train = make_split(d.task, d.train_size, d.seed, "train")
-        evals = make_split(d.task, d.eval_size, d.seed, "eval")
-        return self.collator.preprocess(train), self.collator.preprocess(evals)
 
     # --- train ----------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -211,9 +209,12 @@ class PTPEFTRecipe:
     def _loader(self, stage: StageConfig, index: int) -> DataLoader:
         sampler = ResumableSampler(self.train_records, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                    shuffle=True, seed=self.cfg.seed + index, drop_last=True)
+        collate = self.collator.train_batch
+        if self.cfg.data.on_bad_data == "skip":
+            collate = collate_skipping(collate)  # batches carry their skip counts (Collated)
         # Its own generator: iterator creation must not draw from the global RNG, which resume restores.
         loader = DataLoader(self.train_records, batch_size=stage.batch_size, sampler=sampler,
-                            collate_fn=self.collator.train_batch, drop_last=True,
+                            collate_fn=collate, drop_last=True,
                             generator=torch.Generator().manual_seed(self.cfg.seed))
         if len(loader) == 0:
             raise ValueError(f"stage {index}: {len(self.train_records)} training records give no batch of "
@@ -232,10 +233,17 @@ class PTPEFTRecipe:
         while p.step < steps:
             loader.sampler.set_epoch(p.epoch)
             loader.sampler.skip = p.batch_in_epoch * loader.batch_size
+            epoch_report = BadDataReport()
             for batch in loader:
+                if isinstance(batch, Collated):
+                    batch, report = batch
+                    epoch_report.merge(report)
+                p.batch_in_epoch += 1
+                # Collectives follow: every rank skips a batch that is empty on any rank (all items bad).
+                if not self._all_ranks(batch is not None):
+                    continue
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 loss = engine(**batch).loss
-                p.batch_in_epoch += 1
                 if not self._all_finite(loss):
                     p.nonfinite_skipped += 1
                     in_row += 1
@@ -266,14 +274,30 @@ class PTPEFTRecipe:
                     break
             else:
                 p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+            self._report_bad_data(epoch_report, name)
         bar.close()
 
+    def _report_bad_data(self, epoch_report: BadDataReport, name: str) -> None:
+        """Counted at each epoch end (all ranks summed); never a silent zero-length epoch."""
+        total = BadDataReport.merged(ds.gather_objects(epoch_report))
+        if not total.counts:
+            return
+        self.bad_data.merge(total)
+        if self.dist.is_main:
+            tqdm.write(f"[{name}] skipped bad data this epoch: {total.summary()}")
+            self.logger.log(self.progress.step, {"kind": "bad_data", "stage": name, **total.counts})
+        if total.kept == 0:
+            raise EmptySplitError(self.cfg.data.train_split, self.cfg.data.name, "every example was skipped")
+
     @staticmethod
-    def _all_finite(loss: torch.Tensor) -> bool:
-        """Every rank must take the same branch: backward and step are collectives under ZeRO."""
-        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
+    def _all_ranks(ok: bool) -> bool:
+        """Every rank must take the same branch: forward, backward and step are collectives under ZeRO."""
+        flag = torch.tensor([float(ok)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        return self._all_ranks(bool(torch.isfinite(loss.detach()).all()))
 
     def _checkpoint(self, engine, index: int, *, with_optimizer: bool) -> None:
         """All ranks gather; rank 0 writes atomically."""
@@ -318,8 +342,6 @@ class PTPEFTRecipe:
 
     # --- evaluate -------------------------------------------------------------------------------------
     def evaluate(self, point: str, index: int, trainable: int = 0, total: int | None = None) -> None:
-        from ptscale.eval.captioning import score_captions
-
         synced = self.zero3 and self.dist.world_size > 1
         mine = generate_captions(self.model, self.collator, self.eval_records, self.cfg.eval,
                                  rank=self.dist.rank, world=self.dist.world_size, synced=synced)
@@ -329,17 +351,34 @@ class PTPEFTRecipe:
         if total is None:
             total = sum(group_sizes(self.model).values())
         if self.dist.is_main:
-            refs = {r["image_id"]: r["captions"] for r in self.eval_records}
-            scores = score_captions(preds, refs)
-            self.results.append(EvalPoint(point, index, trainable, total, scores.metrics, scores.unavailable))
+            metrics, unavailable, rows = self._score(preds)
+            self.results.append(EvalPoint(point, index, trainable, total, metrics, unavailable))
             safe = point.replace(" ", "_")
-            write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(
-                [{"image_id": k, "caption": v, "references": refs[k]} for k, v in sorted(preds.items())], indent=1))
-            self.logger.log(0, {"kind": "eval", "stage": point, **scores.metrics})
-            tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {scores.metrics[k]:.4f}" for k in METRICS))
+            write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(rows, indent=1))
+            self.logger.log(0, {"kind": "eval", "stage": point, **metrics})
+            tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                       if k in METRICS + VQA_METRICS))
             self._write_results()
         self.results = ds.broadcast_object(self.results)
         ds.barrier()
+
+    def _score(self, preds: dict[str, str]) -> tuple[dict[str, float], dict[str, str], list[dict]]:
+        """Metrics, unavailable metrics (with reasons), and per-item rows to save beside them."""
+        if self.splits.task == "vqa":
+            from ptscale.eval.vqa import load_ground_truth, vqa_accuracy
+
+            truth = load_ground_truth(self.splits.vqa_annotations, self.splits.vqa_questions)
+            scores = vqa_accuracy({int(k): v for k, v in preds.items()}, truth)
+            metrics = {"VQA_accuracy": scores.overall, **{f"VQA_{t}": a for t, a in scores.per_answer_type.items()}}
+            rows = [{"question_id": int(k), "answer": v} for k, v in sorted(preds.items())]
+            return metrics, {}, rows
+        from ptscale.eval.captioning import score_captions
+
+        refs = {k: self.splits.references[k] for k in preds}
+        scores = score_captions(preds, refs)
+        rows = [{"image_id": k, "caption": v, "references": refs[k], **scores.per_image.get(k, {})}
+                for k, v in sorted(preds.items())]
+        return scores.metrics, scores.unavailable, rows
 
     def _write_results(self) -> None:
         write_text_atomic(self.run_dir / "results.json", json.dumps(
@@ -364,9 +403,10 @@ def saved_recipe(cfg: RunConfig) -> str:
 
 
 def results_table(results: list[EvalPoint]) -> str:
-    head = ["evaluated", "trainable", "share %", *METRICS]
+    names = VQA_METRICS if any("VQA_accuracy" in r.metrics for r in results) else METRICS
+    head = ["evaluated", "trainable", "share %", *names]
     rows = [[r.point, f"{r.trainable:,}", f"{100 * r.trainable / r.total:.3f}",
-             *(f"{r.metrics.get(m, float('nan')):.4f}" for m in METRICS)] for r in results]
+             *(f"{r.metrics.get(m, float('nan')):.4f}" for m in names)] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_identical_gradients(family):
         return loss, grads
 
     loss, grads = run()
-    model.base.gradient_checkpointing_enable({"use_reentrant": False})
+    model.base.activation_checkpointing_enable({"use_reentrant": False})
     assert model.base.is_gradient_checkpointing
     loss_ckpt, grads_ckpt = run()
     assert counts[1] == 2 * counts[0]  # every prefixed attention ran again during backward

@@ -1,0 +1,62 @@
+"""The train and eval data a recipe names: the synthetic task, COCO / Flickr30k (Karpathy) or VQAv2.
+
+Synthetic splits are small and rendered into memory; real datasets stay lazy (images decoded per item).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.utils.data import Subset
+
+from ptscale.config import DataConfig
+from ptscale.data.collate import CaptionCollator
+from ptscale.data.synthetic import make_split
+
+VQA_PROMPT = "Question: {} Answer:"
+
+
+@dataclass
+class Splits:
+    task: Literal["caption", "vqa"]
+    train: Sequence[dict]
+    eval: Sequence[dict]
+    references: dict[str, list[str]] | None = None  # captioning: image_id -> references
+    vqa_annotations: dict[str, Any] | None = None  # VQA: the official annotations + questions JSON
+    vqa_questions: dict[str, Any] | None = None
+
+
+def _cap(dataset, n: int):
+    return dataset if n <= 0 or n >= len(dataset) else Subset(dataset, range(n))
+
+
+def load_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
+    if cfg.name == "synthetic":
+        train = collator.preprocess(make_split(cfg.task, cfg.train_size, cfg.seed, "train"))
+        evals = collator.preprocess(make_split(cfg.task, cfg.eval_size, cfg.seed, "eval"))
+        return Splits("caption", train, evals, references={r["image_id"]: r["captions"] for r in evals})
+    if cfg.name in ("coco", "flickr30k"):
+        from ptscale.data.captions import load_karpathy
+
+        train = load_karpathy(cfg.karpathy_json, cfg.image_root, cfg.train_split, on_bad_data=cfg.on_bad_data)
+        evals = load_karpathy(cfg.karpathy_json, cfg.image_root, cfg.eval_split, on_bad_data=cfg.on_bad_data)
+        refs = evals.references()
+        evals = _cap(evals, cfg.eval_size)
+        if isinstance(evals, Subset):  # eval items are one per image, in row order
+            kept = set(evals.dataset.rows.select(range(len(evals)))["image_id"])
+            refs = {k: v for k, v in refs.items() if k in kept}
+        return Splits("caption", _cap(train, cfg.train_size), evals, references=refs)
+    from ptscale.data.vqa import load_vqav2
+
+    prompt = cfg.prompt or VQA_PROMPT
+    train = load_vqav2(cfg.vqa_train_questions, cfg.vqa_train_annotations, cfg.image_root,
+                       on_bad_data=cfg.on_bad_data, prompt=prompt)
+    evals = load_vqav2(cfg.vqa_eval_questions, cfg.vqa_eval_annotations, cfg.image_root,
+                       on_bad_data=cfg.on_bad_data, prompt=prompt)
+    return Splits("vqa", _cap(train, cfg.train_size), _cap(evals, cfg.eval_size),
+                  vqa_annotations=json.loads(Path(cfg.vqa_eval_annotations).read_text()),
+                  vqa_questions=json.loads(Path(cfg.vqa_eval_questions).read_text()))
