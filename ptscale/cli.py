@@ -1,4 +1,5 @@
-"""``ptscale``: train (the same entry as launchers/train.py) and score saved predictions."""
+"""``ptscale``: train (the same entry as launchers/train.py), score saved predictions, evaluate a saved run
+(``eval``), analyse its representation spectra (``analyze``) and tabulate runs (``report``)."""
 
 from __future__ import annotations
 
@@ -53,11 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     from ptscale.eval.score_cli import add_score_subparser, run_score
 
     add_score_subparser(sub)
+    from ptscale.analysis.analyze import add_analyze_args, run_analyze_command
+    from ptscale.eval.run_eval import add_eval_args, run_eval_command
+    from ptscale.report import add_report_args, run_report_command
+
+    add_eval_args(sub.add_parser("eval", help="caption a saved run's eval split and score it"))
+    add_analyze_args(sub.add_parser("analyze", help="singular-value spectra and effective rank (paper 2.3)"))
+    add_report_args(sub.add_parser("report", help="markdown table of runs (paper table 2)"))
     args = parser.parse_args(argv)
     setup_logging()
+    commands = {"eval": run_eval_command, "analyze": run_analyze_command, "report": run_report_command}
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command in commands:
+            return commands[args.command](args)
         return run_score(args)
     except RecipeError as e:
         print(f"ptscale: recipe error: {e}", file=sys.stderr)

@@ -161,6 +161,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class FeatureCacheConfig:
+    # Cache the frozen vision encoder's outputs in stages where it is frozen and carries no prefix or
+    # tuner, and the Q-Former's query tokens are frozen too (e.g. the prefix stage).
+    enabled: bool = True
+    directory: str | None = None  # also keep them on disk (reused by later runs); None = memory only
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
@@ -174,6 +182,7 @@ class RunConfig:
     plan: str | None = None
     methods: dict[str, StageConfig] = field(default_factory=dict)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     max_nonfinite_in_row: int = 5  # consecutive skipped non-finite losses before the run stops
     check_frozen: bool = True  # hash every parameter around each stage: frozen groups must not move
     seed: int = 0

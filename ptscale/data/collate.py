@@ -52,7 +52,8 @@ class CaptionCollator:
         attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         label_t = torch.tensor([x + [IGNORE] * (width - len(x)) for x in labels])
         return {"pixel_values": self.pixels(records), "input_ids": input_ids,
-                "attention_mask": attention_mask, "labels": label_t}
+                "attention_mask": attention_mask, "labels": label_t,
+                "image_keys": [str(r["image_id"]) for r in records]}  # for the frozen-tower feature cache
 
     def generation_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
         """Left-padded heads (a decoder-only LM continues from the last position of every row)."""

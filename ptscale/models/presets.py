@@ -1,6 +1,6 @@
 """Named BLIP-2 geometries. ``tiny-blip2-opt`` is the embedded default (CPU-trainable in minutes);
 ``blip2-opt-2.7b`` is the exact geometry of Salesforce/blip2-opt-2.7b (random weights without a
-checkpoint)."""
+checkpoint); ``blip2-opt-6.7b`` that of Salesforce/blip2-opt-6.7b (memory planning, random weights)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ PRESETS: dict[str, dict] = {
                            "num_attention_heads": 12, "encoder_hidden_size": 1408, "vocab_size": 30522},
         "text_config": {"model_type": "opt", "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
                         "num_attention_heads": 32, "max_position_embeddings": 2048, "word_embed_proj_dim": 2560,
+                        "vocab_size": 50304},
+        "num_query_tokens": 32,
+    },
+    # Salesforce/blip2-opt-6.7b: the same ViT-g and Q-Former, OPT-6.7B as the language model.
+    "blip2-opt-6.7b": {
+        "vision_config": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+                          "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
+        "qformer_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                           "num_attention_heads": 12, "encoder_hidden_size": 1408, "vocab_size": 30522},
+        "text_config": {"model_type": "opt", "hidden_size": 4096, "ffn_dim": 16384, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "max_position_embeddings": 2048, "word_embed_proj_dim": 4096,
                         "vocab_size": 50304},
         "num_query_tokens": 32,
     },

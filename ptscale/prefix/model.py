@@ -79,8 +79,15 @@ class PrefixTunedModel(nn.Module):
             active[target] = kv if gate is None else PlusState(kv, gate, module.feature_map)
         self._store.active = active
 
-    def forward(self, **batch):
+    def forward(self, image_embeds: torch.Tensor | None = None, **batch):
+        """``image_embeds``: cached vision-encoder outputs (ptscale.models.feature_cache) instead of
+        ``pixel_values``; BLIP-2 then runs from its Q-Former on."""
         self._activate()
+        if image_embeds is not None:
+            from ptscale.models.feature_cache import blip2_inputs_from_image_embeds
+
+            with _gathered(list(self.base.parameters(recurse=False))):
+                batch.update(blip2_inputs_from_image_embeds(self.base, image_embeds))
         return self.base(**batch)
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ loss; evaluation before training and after each stage; results table and results
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from ptscale.data.sources import load_splits
 from ptscale.eval.generate import generate_captions
 from ptscale.models.backbone import Backbone, ensure_default_backbone, load_backbone
 from ptscale.models.build import build_model
+from ptscale.models.feature_cache import VisionFeatureCache, fingerprint
 from ptscale.models.groups import group_of, group_sizes, set_trainable
 from ptscale.training import engine as ds
 from ptscale.training.logger import MetricLogger
@@ -104,6 +106,7 @@ class PTPEFTRecipe:
         self.splits = load_splits(cfg.data, self.collator)
         self.train_records, self.eval_records = self.splits.train, self.splits.eval
         self.bad_data = BadDataReport()
+        self.cache: VisionFeatureCache | None = None
         self.zero3 = ds.zero_stage(self.ds_template) == 3
         self.progress, self._optimizer_state, self._tuned = Progress(world_size=self.dist.world_size), None, None
         if checkpoint is not None:
@@ -175,7 +178,10 @@ class PTPEFTRecipe:
             tqdm.write(f"[{name}] trains {', '.join(stage.train)}: {trainable:,} of {total:,} parameters "
                        f"({100 * trainable / total:.3f}%), {steps} steps")
         before = ds.param_digests(self.model) if self.cfg.check_frozen else {}
+        self.cache = self._feature_cache(stage, before)
         self._train_steps(engine, loader, steps, name, index)
+        if self.cache is not None:
+            self._report_cache(name)
         after = ds.param_digests(self.model) if self.cfg.check_frozen else {}
         self._check_changes(before, after, stage, name)
         self._save_stage(engine, index, name, before, after)
@@ -185,6 +191,32 @@ class PTPEFTRecipe:
                                  results=[asdict(r) for r in self.results])
         self._checkpoint(engine, index, with_optimizer=False)
         ds.release(engine)
+
+    def _feature_cache(self, stage: StageConfig, digests: dict[str, str]) -> VisionFeatureCache | None:
+        """A cache when the vision tower is frozen, prefix- and tuner-free, and the query tokens frozen."""
+        fc = self.cfg.feature_cache
+        vision_params = [n for n, _ in self.model.named_parameters() if n.startswith("base.vision_model.")]
+        tuned_inside = any(group_of(n) in ("lora", "adapter") for n in vision_params)
+        if not fc.enabled or "vision" in self.cfg.prefix.lengths and self.cfg.prefix.lengths["vision"] > 0:
+            return None
+        if tuned_inside or {"vision", "qformer"} & set(stage.train):
+            return None
+        if not hasattr(self.model.base, "vision_model") or not hasattr(self.model.base, "query_tokens"):
+            return None
+        vision = {n: d for n, d in (digests or ds.param_digests(self.model)).items() if n in vision_params}
+        data_id = json.dumps(asdict(self.cfg.data), sort_keys=True)
+        data_digest = hashlib.sha256(data_id.encode()).hexdigest()
+        key = fingerprint(self.backbone.image_processor, {**vision, "data": data_digest})
+        directory = Path(fc.directory) if fc.directory else None
+        return self.cache if self.cache is not None and self.cache.key == key else VisionFeatureCache(key, directory)
+
+    def _report_cache(self, name: str) -> None:
+        c = self.cache
+        if self.dist.is_main:
+            tqdm.write(f"[{name}] vision feature cache: {c.hits} hits, {c.misses} misses")
+            c.save()
+        self.logger.log(self.progress.step, {"kind": "feature_cache", "stage": name, "hits": c.hits,
+                                             "misses": c.misses})
 
     def _restore_into(self, engine, index: int) -> None:
         """Mid-stage resume: optimizer moments, step count, schedule and RNG as they were saved."""
@@ -242,7 +274,11 @@ class PTPEFTRecipe:
                 # Collectives follow: every rank skips a batch that is empty on any rank (all items bad).
                 if not self._all_ranks(batch is not None):
                     continue
+                keys = batch.pop("image_keys", None)
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
+                if self.cache is not None:
+                    pixels = batch.pop("pixel_values")
+                    batch["image_embeds"] = self.cache.image_embeds(self.model.base.vision_model, keys, pixels)
                 loss = engine(**batch).loss
                 if not self._all_finite(loss):
                     p.nonfinite_skipped += 1

@@ -66,6 +66,9 @@ def test_default_run_two_ranks_zero3(tmp_path):
     assert {"loss", "lr", "samples_per_s", "stage"} <= set(train[0])
     assert {x["stage"] for x in train} == {"prefix", "prefix+lora"}
     assert [x["stage"] for x in lines if x["kind"] == "eval"] == list(points)
+    # The vision tower is frozen and tuner-free in both stages: its features come from the cache after epoch 1.
+    cache = {x["stage"]: x for x in lines if x["kind"] == "feature_cache"}
+    assert set(cache) == {"prefix", "prefix+lora"} and cache["prefix"]["hits"] > cache["prefix"]["misses"] > 0
     assert list((run / "tensorboard").iterdir())
     from safetensors.torch import load_file
 

@@ -61,6 +61,7 @@ def _recipe(tmp_path, max_in_row=3):
     r.dist = SimpleNamespace(is_main=False, world_size=1, rank=0)
     r.logger = SimpleNamespace(log=lambda *a: None)
     r.run_dir = tmp_path
+    r.cache = None
     return r
 
 

@@ -1,0 +1,333 @@
+"""``ptscale analyze``: representation spectra and effective rank of saved runs (PT-PEFT §2.3, fig. 4, table 1).
+
+    ptscale analyze RUN_DIR [RUN_DIR ...] [--reference pretrained|RUN_DIR] [--samples N] [--batch-size B]
+                    [--split eval] [--threshold 0.9] [--device cpu|cuda] [--out DIR]
+
+For every model (each run, and the reference) and every sample of the first run's data split, one forward
+pass gives the last-layer features of three paths:
+
+- ``vision``: the vision encoder's last hidden state (patch tokens + CLS, x hidden), the paper's image
+  features;
+- ``qformer``: the Q-Former's last hidden state over its query tokens. Not in the paper's figure; here
+  because the default recipes never touch the vision encoder (its spectrum is the reference's, exactly),
+  while prefixes and LoRA do change the Q-Former, the rest of BLIP-2's image path;
+- ``text``: the language model's last hidden state over the text tokens (BOS, prompt, caption, EOS:
+  the attention mask minus the image-token positions), conditioned on the image as in BLIP-2. The text is
+  each record's training caption, tokenised by the run's own collator.
+
+Per sample the features are decomposed (SVD), the singular values normalised and averaged over samples
+(:class:`~ptscale.analysis.effective_rank.SpectrumAccumulator`); the effective rank at ``threshold`` is given
+as a count, a fraction of the spectrum length and a percentage of the reference's (table 1).
+
+The default reference is the pre-trained backbone itself (the first run's, loaded fresh: no prefix, no
+LoRA/adapter), which every run must share. ``--reference RUN_DIR`` compares against another run instead.
+
+Writes ``analysis.json`` and ``spectrum_<path>.png`` (all models overlaid, as figure 4) into ``--out``
+(default: the run directory when one run is given; required for several), and each run's own
+``RUN_DIR/analysis.json`` (the reference and that run), which ``ptscale report`` reads.
+
+Models are analysed one at a time in a single process: the runs' weights load without DeepSpeed
+(:func:`ptscale.runs.load_run`), so a model that fits one device needs no sharding. Launched on several
+ranks, only rank 0 works and the others return at once (no features are gathered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptscale.analysis.effective_rank import (
+    DEFAULT_THRESHOLD,
+    EffectiveRank,
+    SpectrumAccumulator,
+    cumulative,
+    effective_rank,
+)
+
+PATHS: dict[str, str] = {
+    "vision": "vision encoder, last hidden state (tokens x hidden per image)",
+    "qformer": "Q-Former, last hidden state over the query tokens",
+    "text": "language model, last hidden state over BOS + prompt + caption + EOS (attention mask)",
+}
+PRETRAINED = "pretrained"
+ANALYSIS_JSON = "analysis.json"
+
+
+@dataclass(frozen=True)
+class AnalyzeRequest:
+    run_dirs: list[Path]
+    reference: str = PRETRAINED  # "pretrained" or a run directory
+    samples: int | None = None  # None: the split's size in the first run's recipe
+    batch_size: int = 64
+    split: str = "eval"
+    threshold: float = DEFAULT_THRESHOLD
+    device: str | None = None  # None: cuda if available, else cpu
+    out_dir: Path | None = None  # None: the run directory (one run only)
+
+
+@dataclass
+class Subject:
+    """One model to analyse, with what it needs to build its batches."""
+
+    name: str
+    role: str  # "reference" or "run"
+    model: nn.Module  # PrefixTunedModel or a bare Blip2ForConditionalGeneration
+    collator: Any  # CaptionCollator
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Spectra:
+    """Mean normalised spectrum per path, and how long the features and SVDs took."""
+
+    spectra: dict[str, torch.Tensor]
+    seconds: float
+    samples: int
+
+
+# --- Features -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def last_layer_features(model: nn.Module, batch: dict[str, torch.Tensor],
+                        image_token_id: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """path -> (features (N, T, C), mask (N, T) of the tokens that belong to the sample, or None)."""
+    out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"], output_hidden_states=True, use_cache=False)
+    lm = out.language_model_outputs
+    if getattr(lm, "hidden_states", None) is None:
+        raise NotImplementedError("the text path reads a decoder-only language model's hidden states; this "
+                                  f"model's language model returned {type(lm).__name__} without them")
+    # Text positions: real tokens (attention mask) that are not the image (query-token) placeholders.
+    text_mask = batch["attention_mask"].bool() & (batch["input_ids"] != image_token_id)
+    return {"vision": (out.vision_outputs.last_hidden_state, None),
+            "qformer": (out.qformer_outputs.last_hidden_state, None),
+            "text": (lm.hidden_states[-1], text_mask)}
+
+
+def update_masked(acc: SpectrumAccumulator, features: torch.Tensor, mask: torch.Tensor) -> None:
+    """Add each sample's unmasked rows; samples with equal token counts go through one batched SVD
+    (the accumulator's own masked path decomposes one sample at a time)."""
+    counts = mask.sum(dim=1)
+    if (counts == 0).any():
+        raise ValueError("a sample has no unmasked tokens")
+    for n in counts.unique().tolist():
+        rows = (counts == n).nonzero().squeeze(1)
+        # Boolean indexing walks (sample, token) row-major: each sample's n rows stay together and in order.
+        acc.update(features[rows][mask[rows]].reshape(len(rows), n, features.shape[-1]))
+
+
+def _batches(records: list[dict], size: int) -> Iterator[list[dict]]:
+    for i in range(0, len(records), size):
+        yield records[i:i + size]
+
+
+@torch.no_grad()
+def subject_spectra(subject: Subject, records: list[dict], batch_size: int, device: torch.device) -> Spectra:
+    """Mean normalised spectra (eq. 2-4) of every path over ``records``."""
+    model = subject.model.to(device).eval()
+    image_token_id = model.config.image_token_id
+    accs = {path: SpectrumAccumulator() for path in PATHS}
+    t0 = time.perf_counter()
+    for chunk in _batches(records, batch_size):
+        batch = subject.collator.train_batch(chunk)  # teacher-forcing layout: image tokens, BOS, caption, EOS
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        for path, (features, mask) in last_layer_features(model, batch, image_token_id).items():
+            if mask is None:
+                accs[path].update(features)
+            else:
+                update_masked(accs[path], features, mask)
+    return Spectra({path: acc.compute() for path, acc in accs.items()}, time.perf_counter() - t0, len(records))
+
+
+# --- Models -------------------------------------------------------------------------------------------------
+
+def _backbone_dir(cfg) -> Path:
+    from ptscale.models.backbone import default_backbone_dir
+
+    return Path(cfg.model.path or default_backbone_dir(cfg.model)).resolve()
+
+
+def _run_names(run_dirs: list[Path]) -> list[str]:
+    """The directory name, or parent/name where two runs share a name."""
+    names = [p.name for p in run_dirs]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in run_dirs]
+
+
+def run_subject(run_dir: Path, name: str, role: str = "run") -> Subject:
+    from ptscale.runs import load_run
+
+    run = load_run(run_dir)
+    return Subject(name, role, run.model, run.collator,
+                   {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "backbone": str(_backbone_dir(run.cfg))})
+
+
+def pretrained_subject(first_run: Path) -> Subject:
+    """The backbone the runs started from, loaded fresh: no prefix modules, no tuners."""
+    from ptscale.config import load_recipe
+    from ptscale.data.collate import CaptionCollator
+    from ptscale.models.backbone import load_backbone
+
+    cfg = load_recipe(first_run / "recipe.yaml")
+    path = _backbone_dir(cfg)
+    backbone = load_backbone(path, cfg.model.dtype)
+    collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
+                               backbone.image_token_id, prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
+    return Subject("pre-trained", "reference", backbone.model.eval(), collator,
+                   {"run_dir": None, "checkpoint": None, "backbone": str(path)})
+
+
+def _check_same_backbone(run_dirs: list[Path]) -> None:
+    from ptscale.config import load_recipe
+
+    dirs = {str(_backbone_dir(load_recipe(p / "recipe.yaml"))) for p in run_dirs}
+    if len(dirs) > 1:
+        raise ValueError(f"the runs start from different backbones ({', '.join(sorted(dirs))}); a pre-trained "
+                         "reference is ambiguous: analyse them separately or pass --reference RUN_DIR")
+
+
+# --- The analysis -------------------------------------------------------------------------------------------
+
+def _rank_entry(spec: torch.Tensor, ref: EffectiveRank, threshold: float) -> dict[str, Any]:
+    rank = effective_rank(spec, threshold)
+    return {"effective_rank": rank.count, "fraction": rank.fraction, "length": rank.length,
+            "percent_of_reference": rank.relative_to(ref),
+            "spectrum": spec.tolist(), "cumulative": cumulative(spec).tolist()}
+
+
+def _entry(subject_info: dict[str, Any], name: str, role: str, result: Spectra,
+           reference: Spectra, threshold: float) -> dict[str, Any]:
+    paths = {path: _rank_entry(spec, effective_rank(reference.spectra[path], threshold), threshold)
+             for path, spec in result.spectra.items()}
+    return {"name": name, "role": role, **subject_info, "seconds": round(result.seconds, 3),
+            "samples_per_s": round(result.samples / max(result.seconds, 1e-9), 1), "paths": paths}
+
+
+def _analyse(load: Callable[[], Subject], records: list[dict], request: AnalyzeRequest,
+             device: torch.device) -> tuple[Subject, Spectra]:
+    """Load one model, compute its spectra, free it (one model in memory at a time)."""
+    subject = load()
+    result = subject_spectra(subject, records, request.batch_size, device)
+    subject.model = None  # type: ignore[assignment]  # drop the weights before the next model loads
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return subject, result
+
+
+def _document(request: AnalyzeRequest, data: dict[str, Any], device: torch.device,
+              entries: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    return {"threshold": request.threshold, "reference": request.reference, "data": data,
+            "batch_size": request.batch_size, "device": str(device), "paths": PATHS, "models": entries,
+            "seconds": round(seconds, 2)}
+
+
+def _out_dir(request: AnalyzeRequest) -> Path:
+    if request.out_dir is not None:
+        return Path(request.out_dir)
+    if len(request.run_dirs) == 1:
+        return Path(request.run_dirs[0])
+    raise ValueError("several runs: give --out DIR for the combined analysis.json and plots")
+
+
+def analyze_runs(request: AnalyzeRequest) -> dict[str, Any] | None:
+    """Analyse every run and the reference; write the JSON files and plots. None on ranks other than 0."""
+    from ptscale.analysis.effective_rank import plot_spectra
+    from ptscale.config import load_recipe
+    from ptscale.eval.run_eval import describe_split, split_records
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None  # one process does the whole analysis; see the module docstring
+    if not request.run_dirs:
+        raise ValueError("no run directory given")
+    if request.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {request.batch_size}")
+    run_dirs = [Path(p) for p in request.run_dirs]
+    out_dir = _out_dir(request)
+    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    first_cfg = load_recipe(run_dirs[0] / "recipe.yaml")
+    records = split_records(first_cfg, request.split, request.samples)
+    data = describe_split(first_cfg, request.split, len(records))
+
+    if request.reference == PRETRAINED:
+        _check_same_backbone(run_dirs)
+        ref_subject, ref = _analyse(lambda: pretrained_subject(run_dirs[0]), records, request, device)
+    else:
+        ref_dir = Path(request.reference)
+        ref_subject, ref = _analyse(lambda: run_subject(ref_dir, f"reference: {ref_dir.name}", "reference"),
+                                    records, request, device)
+    ref_entry = _entry(ref_subject.info, ref_subject.name, "reference", ref, ref, request.threshold)
+    run_entries = []
+    for run_dir, name in zip(run_dirs, _run_names(run_dirs), strict=True):
+        subject, result = _analyse(lambda d=run_dir, n=name: run_subject(d, n), records, request, device)
+        run_entries.append(_entry(subject.info, name, "run", result, ref, request.threshold))
+
+    document = _document(request, data, device, [ref_entry, *run_entries], time.perf_counter() - t0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / ANALYSIS_JSON, document)
+    for run_dir, entry in zip(run_dirs, run_entries, strict=True):
+        if run_dir.resolve() != out_dir.resolve():  # each run keeps its own numbers for `ptscale report`
+            _write_json(run_dir / ANALYSIS_JSON, {**document, "models": [ref_entry, entry]})
+    for path, description in PATHS.items():
+        curves = {e["name"]: torch.tensor(e["paths"][path]["cumulative"], dtype=torch.float64)
+                  for e in document["models"]}
+        plot_spectra(curves, out_dir / f"spectrum_{path}.png", threshold=request.threshold,
+                     title=f"{path}: {description.split(',')[0]}")
+    return {**document, "out_dir": str(out_dir)}
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    from ptscale.checkpoint import write_text_atomic
+
+    write_text_atomic(path, json.dumps(document, indent=1))
+
+
+# --- Command line -------------------------------------------------------------------------------------------
+
+def add_analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories to analyse")
+    p.add_argument("--reference", default=PRETRAINED, metavar="pretrained|RUN_DIR",
+                   help="the model the effective ranks are relative to (default: the pre-trained backbone)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples of the split (default: the split's size in the first run's recipe)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
+    p.add_argument("--split", default="eval", help="data split (default: eval)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="cumulative spectrum level of the effective rank (default 0.9)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for analysis.json and spectrum_*.png (default: the run directory, one run)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def summary_table(document: dict[str, Any]) -> str:
+    head = ["model", *(f"{p} eff. rank" for p in PATHS), "samples/s"]
+    rows = [[e["name"], *(f"{e['paths'][p]['effective_rank']}/{e['paths'][p]['length']} "
+                          f"({e['paths'][p]['percent_of_reference']:.1f}%)" for p in PATHS),
+             f"{e['samples_per_s']:.0f}"] for e in document["models"]]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([fmt(head), *map(fmt, rows)])
+
+
+def run_analyze_command(args: argparse.Namespace) -> int:
+    request = AnalyzeRequest(run_dirs=args.run_dirs, reference=args.reference, samples=args.samples,
+                             batch_size=args.batch_size, split=args.split, threshold=args.threshold,
+                             device=args.device, out_dir=args.out)
+    document = analyze_runs(request)
+    if document is not None:
+        print(f"{document['data']['size']} samples, effective rank at {document['threshold']} "
+              f"(% of {document['models'][0]['name']}):")
+        print(summary_table(document))
+        print(f"analysis directory: {document['out_dir']}")
+    return 0

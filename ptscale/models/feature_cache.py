@@ -1,0 +1,84 @@
+"""Frozen-tower feature cache: the vision encoder's outputs per image, computed once, reused every epoch.
+
+Valid only in a stage where the vision encoder is frozen and carries no prefix or tuner (the prefix stage
+of the BLIP-2 recipe); the recipe decides that from the stage's groups. Entries are keyed by image id and
+a fingerprint of the preprocessing (the image processor's settings) and of the vision weights, so a change
+of either invalidates them. Kept in host memory; ``directory`` adds an on-disk copy (safetensors, one file
+per fingerprint) that later runs reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(image_processor, vision_digests: dict[str, str]) -> str:
+    h = hashlib.sha256(image_processor.to_json_string().encode())
+    for name in sorted(vision_digests):
+        h.update(f"{name}={vision_digests[name]}".encode())
+    return h.hexdigest()[:16]
+
+
+class VisionFeatureCache:
+    def __init__(self, key: str, directory: Path | None = None) -> None:
+        self.key = key
+        self.directory = directory
+        self.entries: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+        if directory is not None and self._file.is_file():
+            self.entries = dict(load_file(self._file))
+            log.warning("feature cache: %d entries from %s", len(self.entries), self._file)
+
+    @property
+    def _file(self) -> Path:
+        return self.directory / f"vision-{self.key}.safetensors"
+
+    def save(self) -> None:
+        if self.directory is not None and self.entries:
+            from ptscale.checkpoint import save_safetensors_atomic
+
+            save_safetensors_atomic(self.entries, self._file, metadata={"fingerprint": self.key})
+
+    @torch.no_grad()
+    def image_embeds(self, vision_model: nn.Module, keys: list[str], pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, hidden) for the batch; misses run the vision encoder on just those images."""
+        missing = [i for i, k in enumerate(keys) if k not in self.entries]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if _any_rank(bool(missing)):  # under ZeRO-3 the encoder's forward is a collective: all ranks run it
+            idx = missing or [0]
+            out = vision_model(pixel_values=pixel_values[idx], return_dict=True).last_hidden_state
+            for j, i in enumerate(missing):
+                self.entries[keys[i]] = out[j].detach().cpu().clone()
+        return torch.stack([self.entries[k] for k in keys]).to(pixel_values.device)
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def blip2_inputs_from_image_embeds(base: nn.Module, image_embeds: torch.Tensor) -> dict:
+    """BLIP-2's get_image_features from step 2 on (Q-Former, projection), for ``mm_encoder_outputs``."""
+    image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    query_tokens = base.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    qformer_outputs = base.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
+                                   encoder_attention_mask=image_attention_mask, return_dict=True)
+    query_output = qformer_outputs[0].to(image_embeds.dtype)
+    features = base.language_projection(query_output)
+    image = BaseModelOutputWithVisionQformerOutputs(last_hidden_state=image_embeds, pooler_output=features,
+                                                    qformer_outputs=qformer_outputs)
+    return {"pixel_values": None, "mm_encoder_outputs": {"image": image}}
