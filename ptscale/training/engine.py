@@ -10,6 +10,8 @@ the old engine and optimizer alive: DeepSpeed issue #7204).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import copy
 import hashlib
 import json
@@ -159,12 +161,26 @@ def build_engine(module: nn.Module, stage: StageConfig, ds_cfg: dict, total_step
 
 
 def release(engine) -> None:
+    """Destroy a stage's engine so that nothing keeps it (or its optimizer state) alive."""
+    optimizer = engine.optimizer
     engine.destroy()
     for attr in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
         handle = getattr(engine, attr, None)
         if handle is not None:
             handle.remove()
+    if hasattr(optimizer, "unregister_grad_acc_post_hooks"):  # the optimizer holds the engine's hook
+        optimizer.unregister_grad_acc_post_hooks()
     engine.optimizer = engine.lr_scheduler = None
+    gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS would look like a leak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def trainable_fp32(engine) -> dict[str, torch.Tensor]:
