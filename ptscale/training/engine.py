@@ -10,9 +10,9 @@ the old engine and optimizer alive: DeepSpeed issue #7204).
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
-import copy
 import hashlib
 import json
 import math

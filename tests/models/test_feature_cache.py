@@ -24,7 +24,7 @@ def test_cached_features_give_the_same_loss_and_gradients(tiny_backbone):
     grads = torch.autograd.grad(loss, list(model.prefixes.parameters()))
     cache = VisionFeatureCache("k")
     keys = ["a", "b"]
-    for round_ in range(2):  # miss, then hit
+    for _ in range(2):  # miss, then hit
         rest = {k: v for k, v in batch.items() if k != "pixel_values"}
         embeds = cache.image_embeds(model.base.vision_model, keys, batch["pixel_values"])
         cached = model(image_embeds=embeds, **rest).loss
