@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Short plan: 6 steps of prefix, 6 of prefix+LoRA, a checkpoint every 2 steps, no evaluation.
 OVERRIDES = ["eval.before_training=false", "methods.prefix.steps=6", "methods.lora.steps=6",
              "methods.prefix.evaluate=false", "methods.lora.evaluate=false", "checkpoint.every_steps=2",
-             "checkpoint.keep_last=100", "data.train_size=256"]
+             "checkpoint.keep_last=100", "data.train_size=256", "log_every=1"]
 # Checkpoints in order: stage 1 steps 2, 4; boundary; stage 2 steps 2, 4; boundary.
 N_CHECKPOINTS = 6
 

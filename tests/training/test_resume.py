@@ -40,3 +40,18 @@ def test_resume_on_one_rank_from_two(reference):
     assert "saved on 2 ranks, now 1" in (out / f"{name}.log").read_text()
     first = load_file(next((out / name / "checkpoints").glob("ckpt-01-*")) / "tuned.safetensors")
     assert first  # the boundary checkpoint written on one rank is readable
+
+
+def _losses(run):
+    import json
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(x["stage"], x["step"], x["loss"]) for x in lines if x["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_same_seed_same_loss_curve_step_for_step(reference):
+    out, _ = reference
+    wait(launch(out, "reference-again"), 900)
+    first, again = _losses(out / "reference"), _losses(out / "reference-again")
+    assert len(first) == 12 and first == again
