@@ -38,7 +38,7 @@ import gc
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from ptscale.analysis.effective_rank import (
     cumulative,
     effective_rank,
 )
+from ptscale.config import RunConfig
 
 PATHS: dict[str, str] = {
     "vision": "vision encoder, last hidden state (tokens x hidden per image)",
@@ -126,32 +127,42 @@ def update_masked(acc: SpectrumAccumulator, features: torch.Tensor, mask: torch.
         acc.update(features[rows][mask[rows]].reshape(len(rows), n, features.shape[-1]))
 
 
-def _batches(records: list[dict], size: int) -> Iterator[list[dict]]:
-    for i in range(0, len(records), size):
-        yield records[i:i + size]
+def _batches(records: Sequence[dict], size: int) -> Iterator[list[dict]]:
+    """Lists of up to ``size`` records; items a lazy dataset skipped (bad data) are falsy and left out."""
+    chunk: list[dict] = []
+    for i in range(len(records)):
+        record = records[i]
+        if record:
+            chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 @torch.no_grad()
-def subject_spectra(subject: Subject, records: list[dict], batch_size: int, device: torch.device) -> Spectra:
+def subject_spectra(subject: Subject, records: Sequence[dict], batch_size: int, device: torch.device) -> Spectra:
     """Mean normalised spectra (eq. 2-4) of every path over ``records``."""
     model = subject.model.to(device).eval()
     image_token_id = model.config.image_token_id
     accs = {path: SpectrumAccumulator() for path in PATHS}
     t0 = time.perf_counter()
     for chunk in _batches(records, batch_size):
-        batch = subject.collator.train_batch(chunk)  # teacher-forcing layout: image tokens, BOS, caption, EOS
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        full = subject.collator.train_batch(chunk)  # teacher-forcing layout: image tokens, BOS, caption, EOS
+        batch = {k: full[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask")}
         for path, (features, mask) in last_layer_features(model, batch, image_token_id).items():
             if mask is None:
                 accs[path].update(features)
             else:
                 update_masked(accs[path], features, mask)
-    return Spectra({path: acc.compute() for path, acc in accs.items()}, time.perf_counter() - t0, len(records))
+    return Spectra({path: acc.compute() for path, acc in accs.items()}, time.perf_counter() - t0,
+                   accs["vision"].count)
 
 
 # --- Models -------------------------------------------------------------------------------------------------
 
-def _backbone_dir(cfg) -> Path:
+def _backbone_dir(cfg: RunConfig) -> Path:
     from ptscale.models.backbone import default_backbone_dir
 
     return Path(cfg.model.path or default_backbone_dir(cfg.model)).resolve()
@@ -167,17 +178,15 @@ def run_subject(run_dir: Path, name: str, role: str = "run") -> Subject:
     from ptscale.runs import load_run
 
     run = load_run(run_dir)
-    return Subject(name, role, run.model, run.collator,
-                   {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "backbone": str(_backbone_dir(run.cfg))})
+    info = {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "backbone": str(_backbone_dir(run.cfg))}
+    return Subject(name, role, run.model, run.collator, info)
 
 
-def pretrained_subject(first_run: Path) -> Subject:
-    """The backbone the runs started from, loaded fresh: no prefix modules, no tuners."""
-    from ptscale.config import load_recipe
+def pretrained_subject(cfg: RunConfig) -> Subject:
+    """The backbone a run started from, loaded fresh: no prefix modules, no tuners."""
     from ptscale.data.collate import CaptionCollator
     from ptscale.models.backbone import load_backbone
 
-    cfg = load_recipe(first_run / "recipe.yaml")
     path = _backbone_dir(cfg)
     backbone = load_backbone(path, cfg.model.dtype)
     collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
@@ -187,12 +196,13 @@ def pretrained_subject(first_run: Path) -> Subject:
 
 
 def _check_same_backbone(run_dirs: list[Path]) -> None:
+    """Every model reads the same preprocessed samples and is compared with one reference: one backbone."""
     from ptscale.config import load_recipe
 
     dirs = {str(_backbone_dir(load_recipe(p / "recipe.yaml"))) for p in run_dirs}
     if len(dirs) > 1:
-        raise ValueError(f"the runs start from different backbones ({', '.join(sorted(dirs))}); a pre-trained "
-                         "reference is ambiguous: analyse them separately or pass --reference RUN_DIR")
+        raise ValueError(f"the runs (and the reference) start from different backbones ({', '.join(sorted(dirs))});"
+                         " analyse runs of one backbone together")
 
 
 # --- The analysis -------------------------------------------------------------------------------------------
@@ -212,16 +222,14 @@ def _entry(subject_info: dict[str, Any], name: str, role: str, result: Spectra,
             "samples_per_s": round(result.samples / max(result.seconds, 1e-9), 1), "paths": paths}
 
 
-def _analyse(load: Callable[[], Subject], records: list[dict], request: AnalyzeRequest,
-             device: torch.device) -> tuple[Subject, Spectra]:
-    """Load one model, compute its spectra, free it (one model in memory at a time)."""
-    subject = load()
+def _analyse(subject: Subject, records: Sequence[dict], request: AnalyzeRequest, device: torch.device) -> Spectra:
+    """Compute one model's spectra, then free it: one model in memory at a time."""
     result = subject_spectra(subject, records, request.batch_size, device)
     subject.model = None  # type: ignore[assignment]  # drop the weights before the next model loads
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return subject, result
+    return result
 
 
 def _document(request: AnalyzeRequest, data: dict[str, Any], device: torch.device,
@@ -243,7 +251,7 @@ def analyze_runs(request: AnalyzeRequest) -> dict[str, Any] | None:
     """Analyse every run and the reference; write the JSON files and plots. None on ranks other than 0."""
     from ptscale.analysis.effective_rank import plot_spectra
     from ptscale.config import load_recipe
-    from ptscale.eval.run_eval import describe_split, split_records
+    from ptscale.eval.run_eval import load_eval_data
 
     if int(os.environ.get("RANK", "0")) != 0:
         return None  # one process does the whole analysis; see the module docstring
@@ -255,21 +263,21 @@ def analyze_runs(request: AnalyzeRequest) -> dict[str, Any] | None:
     out_dir = _out_dir(request)
     device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
+    pretrained = request.reference == PRETRAINED
+    _check_same_backbone(run_dirs if pretrained else [*run_dirs, Path(request.reference)])
     first_cfg = load_recipe(run_dirs[0] / "recipe.yaml")
-    records = split_records(first_cfg, request.split, request.samples)
-    data = describe_split(first_cfg, request.split, len(records))
-
-    if request.reference == PRETRAINED:
-        _check_same_backbone(run_dirs)
-        ref_subject, ref = _analyse(lambda: pretrained_subject(run_dirs[0]), records, request, device)
-    else:
-        ref_dir = Path(request.reference)
-        ref_subject, ref = _analyse(lambda: run_subject(ref_dir, f"reference: {ref_dir.name}", "reference"),
-                                    records, request, device)
+    ref_subject = (pretrained_subject(first_cfg) if pretrained else
+                   run_subject(Path(request.reference), f"reference: {Path(request.reference).name}", "reference"))
+    # The first run's data; preprocessed by the reference's image processor, which every model shares
+    # (one backbone, checked above).
+    loaded = load_eval_data(first_cfg, ref_subject.collator, request.split, request.samples)
+    records, data = loaded.records, loaded.description
+    ref = _analyse(ref_subject, records, request, device)
     ref_entry = _entry(ref_subject.info, ref_subject.name, "reference", ref, ref, request.threshold)
     run_entries = []
     for run_dir, name in zip(run_dirs, _run_names(run_dirs), strict=True):
-        subject, result = _analyse(lambda d=run_dir, n=name: run_subject(d, n), records, request, device)
+        subject = run_subject(run_dir, name)  # loaded only now: the previous model is already freed
+        result = _analyse(subject, records, request, device)
         run_entries.append(_entry(subject.info, name, "run", result, ref, request.threshold))
 
     document = _document(request, data, device, [ref_entry, *run_entries], time.perf_counter() - t0)

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,43 +35,53 @@ import torch
 
 from ptscale.checkpoint import write_text_atomic
 from ptscale.config import EvalConfig, RunConfig, StageConfig
-from ptscale.data.synthetic import make_split
+from ptscale.data.sources import Splits, load_splits
 
 EVAL_RESULTS = "eval_results.json"
 EVAL_CAPTIONS = "eval_captions.json"
+EVAL_ANSWERS = "eval_answers.json"  # VQA runs
 PER_IMAGE_HEADLINE = ("Bleu_4", "CIDEr")
 
-# --- Data sources: cfg.data.name -> records of a split ---------------------------------------------------
-# A source returns records {"image_id": str, "image": PIL image (or "pixel_values"), "captions": [refs],
-# "target": str}; ``size`` None means the split's size as the recipe gives it. Register a new dataset here
-# (e.g. COCO Karpathy test) and both ``ptscale eval`` and ``ptscale analyze`` can use it.
-RecordSource = Callable[[RunConfig, str, int | None], list[dict]]
+# --- Data: the run's own split, through the same loader training used (ptscale.data.sources) ------------
+
+# What identifies the evaluated data, per source, beside name/split/size/prompt (enough to rebuild it).
+_SOURCE_KEYS = {"synthetic": ("task", "seed"), "coco": ("karpathy_json", "image_root", "eval_split"),
+                "flickr30k": ("karpathy_json", "image_root", "eval_split"),
+                "vqav2": ("vqa_eval_questions", "vqa_eval_annotations", "image_root")}
 
 
-def synthetic_records(cfg: RunConfig, split: str, size: int | None) -> list[dict]:
-    """The built-in task's split exactly as training built it (same task, seed and size)."""
-    d = cfg.data
-    sizes = {"eval": d.eval_size, "train": d.train_size}
-    if size is None and split not in sizes:
-        raise ValueError(f"--split {split!r}: the synthetic data has splits {', '.join(sizes)}")
-    return make_split(d.task, size if size is not None else sizes[split], d.seed, split)
+@dataclass
+class EvalData:
+    task: str  # "caption" or "vqa"
+    records: Sequence[dict]  # a list, or a lazy dataset whose skipped (bad) items are falsy
+    references: dict[str, list[str]] | None  # captioning: image_id -> references
+    splits: Splits
+    description: dict[str, Any]
 
 
-SOURCES: dict[str, RecordSource] = {"synthetic": synthetic_records}
-
-
-def split_records(cfg: RunConfig, split: str = "eval", size: int | None = None) -> list[dict]:
-    source = SOURCES.get(cfg.data.name)
-    if source is None:
-        raise ValueError(f"data.name {cfg.data.name!r}: no evaluation source registered "
-                         f"(known: {', '.join(SOURCES)})")
-    return source(cfg, split, size)
-
-
-def describe_split(cfg: RunConfig, split: str, n: int) -> dict[str, Any]:
-    """What was evaluated, for the results file (enough to rebuild the split)."""
-    return {"source": cfg.data.name, "task": cfg.data.task, "seed": cfg.data.seed, "split": split, "size": n,
-            "prompt": cfg.data.prompt}
+def load_eval_data(cfg: RunConfig, collator, split: str = "eval", size: int | None = None) -> EvalData:
+    """The run's ``split`` as its recipe defines it; ``size`` overrides the split's size (synthetic) or cap
+    (real datasets: the first N). ``train`` is offered for the synthetic task only (its records carry their
+    references; a real training split holds one item per caption)."""
+    if split not in ("eval", "train"):
+        raise ValueError(f"--split {split!r}: choose eval or train")
+    data = cfg.data
+    if split == "train" and data.name != "synthetic":
+        raise ValueError(f"--split train: only for the synthetic task (data.name is {data.name!r})")
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"the number of samples must be >= 1, got {size}")
+        data = dataclasses.replace(data, **{f"{split}_size": size})
+    if split == "eval" and data.name == "synthetic":
+        data = dataclasses.replace(data, train_size=1)  # load_splits renders both splits: skip unused images
+    splits = load_splits(data, collator)
+    if split == "eval":
+        records, references = splits.eval, splits.references
+    else:
+        records, references = splits.train, {r["image_id"]: r["captions"] for r in splits.train}
+    description = {"source": data.name, "split": split, "size": len(records), "prompt": data.prompt,
+                   **{k: getattr(data, k) for k in _SOURCE_KEYS.get(data.name, ())}}
+    return EvalData(splits.task, records, references, splits, description)
 
 
 # --- Settings and distribution -----------------------------------------------------------------------------
@@ -95,13 +105,20 @@ def generation_settings(run_eval_cfg: EvalConfig, request: EvalRequest) -> EvalC
     overrides = {k: getattr(request, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens", "batch_size")
                  if getattr(request, k) is not None}
     for key, value in overrides.items():
-        if value < (0 if key == "min_new_tokens" else 1):
-            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {value}")
-    return dataclasses.replace(run_eval_cfg, **overrides)
+        lowest = 0 if key == "min_new_tokens" else 1
+        if value < lowest:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= {lowest}, got {value}")
+    settings = dataclasses.replace(run_eval_cfg, **overrides)
+    if settings.min_new_tokens > settings.max_new_tokens:
+        raise ValueError(f"--min-new-tokens {settings.min_new_tokens} exceeds --max-new-tokens "
+                         f"{settings.max_new_tokens}")
+    return settings
 
 
 @dataclass(frozen=True)
 class World:
+    """Like ``training.engine.DistInfo``, without importing DeepSpeed (seconds) for a world of one."""
+
     rank: int
     size: int
     local_rank: int
@@ -166,58 +183,86 @@ class EvalOutcome:
     out_dir: Path
 
 
-def caption_records(model, collator, records: list[dict], settings: EvalConfig, world: World,
-                    ds_config: Path | None, cfg: RunConfig) -> dict[str, str]:
-    """image_id -> caption for every record, on every rank (gathered)."""
+def generate_all(model, collator, records: Sequence[dict], settings: EvalConfig, world: World,
+                 ds_config: Path | None, cfg: RunConfig) -> dict[str, str]:
+    """key (image_id; question_id for VQA) -> generated text for every record, on every rank (gathered)."""
     from ptscale.eval.generate import generate_captions
 
     if world.size == 1:
         model.to(local_device(world))
         return generate_captions(model, collator, records, settings)
+    from ptscale.training import engine as ds
+
     engine = zero3_inference_engine(model, cfg, world.size, ds_config)
     try:
         mine = generate_captions(model, collator, records, settings, rank=world.rank, world=world.size,
                                  synced=True)  # while the engine lives: its hooks gather the shards
         return _gather_captions(mine, world)
     finally:
-        from ptscale.training import engine as ds
-
         ds.release(engine)
+
+
+@dataclass
+class Scored:
+    """What a task's scorer hands back: the results-file fields and the per-item rows."""
+
+    fields: dict[str, Any]
+    rows: list[dict[str, Any]]
+    rows_file: str
+
+
+def score_caption_task(preds: dict[str, str], data: EvalData, spice: str) -> Scored:
+    from ptscale.eval.captioning import score_captions
+
+    refs = data.references or {}
+    scores = score_captions(preds, refs, spice=spice)
+    # References in data order: the order of the split, not of the ranks' shards.
+    ids = [i for i in refs if i in preds]
+    rows = [{"image_id": i, "caption": preds[i], "references": refs[i],
+             **{m: scores.per_image[i][m] for m in PER_IMAGE_HEADLINE}, "scores": scores.per_image[i]} for i in ids]
+    skipped = sorted(set(refs) - set(preds))  # bad images skipped by the data loader (on_bad_data=skip)
+    fields = {"metrics": scores.metrics, "unavailable": scores.unavailable, "n_images": scores.n_images,
+              "skipped": skipped, "empty_predictions": scores.empty_predictions, "warnings": scores.warnings}
+    return Scored(fields, rows, EVAL_CAPTIONS)
+
+
+def score_vqa_task(preds: dict[str, str], data: EvalData) -> Scored:
+    """The same metrics as the training recipe's VQA evaluation (official accuracy, in percent)."""
+    from ptscale.eval.vqa import load_ground_truth, vqa_accuracy
+
+    truth = load_ground_truth(data.splits.vqa_annotations, data.splits.vqa_questions)
+    answers = {int(k): v for k, v in preds.items()}
+    scores = vqa_accuracy(answers, truth)
+    metrics = {"VQA_accuracy": scores.overall, **{f"VQA_{t}": a for t, a in scores.per_answer_type.items()}}
+    rows = [{"question_id": q, "answer": a, "accuracy": scores.per_question.get(q)} for q, a in sorted(answers.items())]
+    fields = {"metrics": metrics, "unavailable": {}, "n_questions": scores.n_questions,
+              "n_unanswered": scores.n_unanswered, "notes": scores.notes}
+    return Scored(fields, rows, EVAL_ANSWERS)
 
 
 def evaluate_run(request: EvalRequest) -> EvalOutcome | None:
     """Generate, gather, score, write. Returns the results on rank 0, None on the other ranks."""
-    from ptscale.eval.captioning import score_captions
     from ptscale.runs import load_run
 
     world = join_world()
     t0 = time.time()
     run = load_run(request.run_dir, request.checkpoint)
     settings = generation_settings(run.cfg.eval, request)
-    records = run.collator.preprocess(split_records(run.cfg, request.split))
-    captions = caption_records(run.model, run.collator, records, settings, world, request.ds_config, run.cfg)
-    missing = [r["image_id"] for r in records if r["image_id"] not in captions]
-    if missing:
-        raise RuntimeError(f"no caption came back for {len(missing)} image(s), e.g. {missing[:3]}")
+    data = load_eval_data(run.cfg, run.collator, request.split)
+    preds = generate_all(run.model, run.collator, data.records, settings, world, request.ds_config, run.cfg)
     outcome = None
     if world.is_main:
-        references = {r["image_id"]: r["captions"] for r in records}
-        scores = score_captions(captions, references, spice=request.spice)
+        scored = score_vqa_task(preds, data) if data.task == "vqa" else score_caption_task(preds, data, request.spice)
         out_dir = Path(request.out_dir) if request.out_dir else Path(request.run_dir) / "eval"
         results = {
-            "run_dir": str(request.run_dir), "checkpoint": str(run.checkpoint),
-            "data": describe_split(run.cfg, request.split, len(records)),
+            "run_dir": str(request.run_dir), "checkpoint": str(run.checkpoint), "task": data.task,
+            "data": data.description,
             "generation": {k: getattr(settings, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens",
                                                               "batch_size")},
-            "world_size": world.size, "metrics": scores.metrics, "unavailable": scores.unavailable,
-            "n_images": scores.n_images, "empty_predictions": scores.empty_predictions, "warnings": scores.warnings,
-            "seconds": round(time.time() - t0, 2),
+            "world_size": world.size, **scored.fields, "seconds": round(time.time() - t0, 2),
         }
-        per_image = [{"image_id": r["image_id"], "caption": captions[r["image_id"]], "references": r["captions"],
-                      **{m: scores.per_image[r["image_id"]][m] for m in PER_IMAGE_HEADLINE},
-                      "scores": scores.per_image[r["image_id"]]} for r in records]
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / EVAL_CAPTIONS, json.dumps(per_image, indent=1))
+        write_text_atomic(out_dir / scored.rows_file, json.dumps(scored.rows, indent=1))
         write_text_atomic(out_dir / EVAL_RESULTS, json.dumps(results, indent=1))
         outcome = EvalOutcome(results, out_dir)
     if world.size > 1:
@@ -234,7 +279,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="a run directory written by launchers/train.py")
     p.add_argument("--ckpt", type=Path, default=None, metavar="CKPT_DIR",
                    help="a checkpoints/ckpt-* directory of that run (default: the newest)")
-    p.add_argument("--split", default="eval", help="split of the run's data to caption (default: eval)")
+    p.add_argument("--split", choices=("eval", "train"), default="eval",
+                   help="split of the run's data (default: eval; train: synthetic task only)")
     p.add_argument("--num-beams", type=int, default=None, help="default: the run's eval.num_beams")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     p.add_argument("--min-new-tokens", type=int, default=None, help="default: the run's eval.min_new_tokens")
@@ -255,7 +301,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if outcome is not None:
         r = outcome.results
         shown = "  ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
-        print(f"[eval {r['data']['split']}: {r['n_images']} images, {r['checkpoint']}] {shown}")
+        count = r.get("n_images", r.get("n_questions"))
+        print(f"[eval {r['data']['split']}: {count} {'questions' if r['task'] == 'vqa' else 'images'}, "
+              f"{r['checkpoint']}] {shown}")
         for name, reason in r["unavailable"].items():
             print(f"{name}: n/a ({reason})")
         print(f"eval directory: {outcome.out_dir}")

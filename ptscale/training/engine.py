@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +43,8 @@ class DistInfo:
 
 def init_distributed() -> DistInfo:
     """Works under ``deepspeed``, ``torchrun`` (single or multi-node) and plain ``python``."""
-    if "RANK" not in os.environ:  # plain python: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+    if "RANK" not in os.environ:  # plain python: a world of one, on a port nobody else holds
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
     deepspeed.init_distributed(dist_backend=None)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
@@ -52,6 +52,12 @@ def init_distributed() -> DistInfo:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     return info
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def barrier() -> None:

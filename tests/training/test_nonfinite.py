@@ -1,7 +1,6 @@
 """Non-finite losses: skipped and counted; too many in a row stop the run with a clear message."""
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -16,9 +15,9 @@ from ptscale.training.recipe import NonFiniteLossError, PTPEFTRecipe
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29731")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # A TCP store passed directly: no MASTER_* variables leak into later tests' subprocesses.
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield
 
 
