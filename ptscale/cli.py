@@ -61,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_args(sub.add_parser("eval", help="caption a saved run's eval split and score it"))
     add_analyze_args(sub.add_parser("analyze", help="singular-value spectra and effective rank (paper 2.3)"))
     add_report_args(sub.add_parser("report", help="markdown table of runs (paper table 2)"))
+    from ptscale.export_cli import add_export_args, run_export_command
+
+    add_export_args(sub.add_parser("export", help="trained weights, PEFT-format LoRA, merged model"))
     args = parser.parse_args(argv)
     setup_logging()
-    commands = {"eval": run_eval_command, "analyze": run_analyze_command, "report": run_report_command}
+    commands = {"eval": run_eval_command, "analyze": run_analyze_command, "report": run_report_command,
+                "export": run_export_command}
     try:
         if args.command == "train":
             return run_train(args)
