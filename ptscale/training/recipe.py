@@ -40,6 +40,7 @@ from ptscale.models.backbone import Backbone, ensure_default_backbone, load_back
 from ptscale.models.build import build_model
 from ptscale.models.feature_cache import VisionFeatureCache, fingerprint
 from ptscale.models.groups import group_of, group_sizes, set_trainable
+from ptscale.prefix.model import prefix_parameter_report
 from ptscale.training import engine as ds
 from ptscale.training.logger import MetricLogger
 
@@ -177,6 +178,10 @@ class PTPEFTRecipe:
         if self.dist.is_main:
             tqdm.write(f"[{name}] trains {', '.join(stage.train)}: {trainable:,} of {total:,} parameters "
                        f"({100 * trainable / total:.3f}%), {steps} steps")
+            if "prefix" in stage.train:
+                per_target = prefix_parameter_report(self.model)
+                tqdm.write(f"[{name}] prefix parameters: " + ", ".join(
+                    f"{t} {r['params']:,} ({100 * r['share']:.3f}%)" for t, r in per_target.items()))
         before = ds.param_digests(self.model) if self.cfg.check_frozen else {}
         self.cache = self._feature_cache(stage, before)
         self._train_steps(engine, loader, steps, name, index)
