@@ -173,6 +173,8 @@ class PTPEFTRecipe:
         loader = self._loader(stage, index)
         steps = stage.steps or max(1, math.floor(stage.epochs * len(loader) / stage.grad_accum))
         ds_cfg = ds.resolve_ds_config(self.ds_template, stage, self.cfg.model.dtype, self.dist.world_size)
+        if self._resuming(index) and self.progress.step == 0:
+            self._restore_rng()  # a stage-boundary checkpoint was saved before this engine was built
         engine = ds.build_engine(self.model, stage, ds_cfg, steps)
         self._restore_into(engine, index)
         if self.dist.is_main:
@@ -223,10 +225,21 @@ class PTPEFTRecipe:
         self.logger.log(self.progress.step, {"kind": "feature_cache", "stage": name, "hits": c.hits,
                                              "misses": c.misses})
 
-    def _restore_into(self, engine, index: int) -> None:
-        """Mid-stage resume: optimizer moments, step count, schedule and RNG as they were saved."""
+    def _resuming(self, index: int) -> bool:
+        return self.progress.stage_index == index and self._tuned is not None
+
+    def _restore_rng(self) -> None:
         p = self.progress
-        if p.stage_index != index or self._tuned is None:
+        if p.world_size == self.dist.world_size and p.rng:
+            set_rng_state(p.rng[self.dist.rank])
+        elif self.dist.is_main:
+            log.warning("resuming on %d ranks a run saved on %d: the data order and random streams per rank "
+                        "change", self.dist.world_size, p.world_size)
+
+    def _restore_into(self, engine, index: int) -> None:
+        """Resume: fp32 masters; mid-stage also optimizer moments, step count, schedule and RNG."""
+        p = self.progress
+        if not self._resuming(index):
             return
         ds.restore_fp32(engine, self._tuned)  # bf16 module weights alone would round the masters
         self._tuned = None  # used once: later stages start from the weights this process trained
@@ -237,11 +250,7 @@ class PTPEFTRecipe:
         sched.load_state_dict(p.scheduler)
         for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr(), strict=True):
             group["lr"] = lr  # load_state_dict restores the schedule's position, not the optimizer's lr
-        if p.world_size == self.dist.world_size and p.rng:
-            set_rng_state(p.rng[self.dist.rank])
-        elif self.dist.is_main:
-            log.warning("resuming on %d ranks a run saved on %d: the data order per rank changes",
-                        self.dist.world_size, p.world_size)
+        self._restore_rng()  # saved after this stage's engine was built, so restored after it too
 
     def _loader(self, stage: StageConfig, index: int) -> DataLoader:
         sampler = ResumableSampler(self.train_records, num_replicas=self.dist.world_size, rank=self.dist.rank,

@@ -1,4 +1,4 @@
-"""SIGKILL a 2-rank ZeRO-3 run at a few points (mid stage 1, mid stage 2 just after the boundary), resume
+"""SIGKILL a 2-rank ZeRO-3 run at a few points (mid stage 1, at the stage boundary, mid stage 2), resume
 with --resume auto, and require the final trainable weights of an uninterrupted run to 1e-6.
 The full random sweep is `python -m ptscale.tools.kill_resume --points 10`."""
 
@@ -16,7 +16,8 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_checkpoints, delay", [(1, 0.5), (4, 0.0)])
+# mid stage 1; just after the stage boundary's checkpoint; mid stage 2
+@pytest.mark.parametrize("n_checkpoints, delay", [(1, 0.5), (3, 0.0), (4, 0.0)])
 def test_killed_run_resumes_exactly(reference, n_checkpoints, delay):
     out, ref = reference
     name = f"killed-{n_checkpoints}"
