@@ -51,8 +51,10 @@ class PrefixConfig:
 
 @dataclass
 class LoraConfig:
-    # modules per component that get LoRA (paper: q, k, v of the Q-Former for BLIP-2, table 8)
-    targets: dict[str, list[str]] = field(default_factory=lambda: {"qformer": ["query", "key", "value"]})
+    # modules per component that get LoRA (paper: q, k, v of the Q-Former self-attention for BLIP-2, table 8);
+    # names match module-path suffixes on a dot boundary, so "query" alone would also take the cross-attention
+    targets: dict[str, list[str]] = field(default_factory=lambda: {
+        "qformer": ["attention.attention.query", "attention.attention.key", "attention.attention.value"]})
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
