@@ -197,7 +197,7 @@ def _tiny_expected(vocab: int) -> dict[str, int]:
     def prefix(width: int, layers: int, length: int = 8, hidden: int = 512) -> int:
         return length * width + width + _linear(width, hidden) + _linear(hidden, layers * 2 * width)
 
-    lora = 16 * (3 * 2 * (qh + qh) + (qh + qh) + 2 * (64 + qh))  # self q/k/v x 2 layers; cross q, k, v
+    lora = 16 * (3 * 2 * (qh + qh))  # the Q-Former self-attention q/k/v x 2 layers (the default targets)
     return {"prefix": prefix(qh, 2) + prefix(th, 2), "lora": lora, "adapter": 0, "embeddings": embeddings,
             "lm_head": 0, "vision": vision, "qformer": qformer, "projection": _linear(qh, th),
             "language_model": language_model}
