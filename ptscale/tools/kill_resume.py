@@ -39,11 +39,21 @@ def _free_port() -> str:
 
 def launch(out: Path, name: str, *extra: str, ranks: int = 2) -> subprocess.Popen:
     bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "deepspeed"), "--master_port", _free_port(), "--num_gpus", str(ranks), "launchers/train.py",
+    port = _free_port()
+    cmd = [str(bin_dir / "deepspeed"), "--master_port", port, "--num_gpus", str(ranks), "launchers/train.py",
            "--ds", "ds_configs/zero3.json", f"output_dir={out}", f"run_name={name}", *OVERRIDES, *extra]
     log = open(out / f"{name}.log", "a")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.master_port = port
+    return proc
+
+
+def remove_shared_memory(port: str) -> None:
+    """DeepSpeed's CPU all-reduce keeps a /dev/shm segment per rank, named after the master port; a
+    SIGKILLed rank never unlinks it (66 MB each)."""
+    for seg in Path("/dev/shm").glob(f"deepspeed_*_{port}_*"):
+        seg.unlink(missing_ok=True)
 
 
 def wait(proc: subprocess.Popen, timeout: float) -> None:
@@ -71,6 +81,7 @@ def kill_after(out: Path, name: str, n_checkpoints: int, delay: float, timeout: 
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    remove_shared_memory(proc.master_port)
     return len(list_checkpoints(root))
 
 
