@@ -6,14 +6,16 @@
 #   (the same on node-1 with NODE_RANK=1)
 #
 # Environment: NNODES, NODE_RANK, MASTER_ADDR (required); MASTER_PORT (29500); NPROC_PER_NODE (ranks on
-# this node, default 1); MAX_RESTARTS (3); PYTHON (python). Everything after the script name goes to
-# launchers/train.py.
+# this node, default 1); MAX_RESTARTS (torchrun --max-restarts, default 0); PYTHON (python). Everything
+# after the script name goes to launchers/train.py.
 #
-# Fault tolerance: torchrun restarts the workers up to MAX_RESTARTS times after a worker fails, and the
-# whole job can be started again after a node is lost; both run train.py with --resume auto, so either
-# continues from the newest complete checkpoint. That needs run_name=... (so "newest" means this run, not
-# another one under output_dir) and output_dir on a filesystem every node sees (rank 0 writes the
-# checkpoints; every rank reads them on resume). See docs/multinode.md.
+# train.py always gets --resume auto: a first start finds no checkpoint and starts fresh; a restart
+# continues from the newest complete checkpoint. That needs run_name=... (so "newest" means this run)
+# and output_dir on a filesystem every node sees (rank 0, on node 0, writes the checkpoints; every rank
+# reads them on resume). After a failure, start the script again on every node (checked by
+# tests/training/test_multinode.py). MAX_RESTARTS > 0 lets torchrun restart the workers in place
+# instead, but on this project's CPU/gloo machine the restarted workers could not reconnect across
+# nodes (gloo: connection refused to the dead workers' old addresses); see docs/multinode.md.
 set -euo pipefail
 
 : "${NNODES:?set NNODES (number of nodes)}"
@@ -21,22 +23,26 @@ set -euo pipefail
 : "${MASTER_ADDR:?set MASTER_ADDR (address of node 0, reachable from every node)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
-MAX_RESTARTS="${MAX_RESTARTS:-3}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
 PYTHON="${PYTHON:-python}"
 
-if ! printf '%s\n' "$@" | grep -q '^run_name='; then
+run_name=""
+for arg in "$@"; do
+    case "$arg" in
+        run_name=*) run_name="${arg#run_name=}" ;;
+        --resume|--resume=*)
+            echo "multinode_torchrun.sh: --resume is set here (auto); do not pass it" >&2
+            exit 2 ;;
+    esac
+done
+if [ -z "$run_name" ]; then
     echo "multinode_torchrun.sh: pass run_name=NAME; --resume auto must find this run's checkpoints" >&2
     exit 2
 fi
-for arg in "$@"; do
-    if [ "$arg" = "--resume" ]; then
-        echo "multinode_torchrun.sh: --resume is set here (auto); do not pass it" >&2
-        exit 2
-    fi
-done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# exec: the caller's signals (and a SIGKILL of this process group) reach torchrun and its workers.
+# exec: signals sent to this script reach torchrun itself. SIGTERM / SIGINT make torchrun stop its
+# workers; a SIGKILL of torchrun does not (torch elastic starts each worker in a session of its own).
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
