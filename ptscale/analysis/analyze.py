@@ -106,7 +106,7 @@ def last_layer_features(model: nn.Module, batch: dict[str, torch.Tensor],
                 attention_mask=batch["attention_mask"], output_hidden_states=True, use_cache=False)
     lm = out.language_model_outputs
     if getattr(lm, "hidden_states", None) is None:
-        raise NotImplementedError("the text path reads a decoder-only language model's hidden states; this "
+        raise ValueError("the text path reads a decoder-only language model's hidden states; this "
                                   f"model's language model returned {type(lm).__name__} without them")
     # Text positions: real tokens (attention mask) that are not the image (query-token) placeholders.
     text_mask = batch["attention_mask"].bool() & (batch["input_ids"] != image_token_id)

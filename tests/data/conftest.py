@@ -58,7 +58,7 @@ def first_error(iterable: Iterable[Any]) -> Exception:
 @pytest.fixture(scope="session")
 def example_images() -> dict[str, Path]:
     if not EXAMPLE_IMAGES.is_dir():
-        pytest.skip("shared clipscore_example test images not present")
+        pytest.fail(f"test images missing: {EXAMPLE_IMAGES} (shared/testdata must sit beside the checkout)")
     return {"image1": EXAMPLE_IMAGES / "image1.jpg", "image2": EXAMPLE_IMAGES / "image2.jpg"}
 
 

@@ -37,7 +37,7 @@ def _load(name: str) -> dict:
 @pytest.fixture(scope="module")
 def example_scores() -> dict[str, CaptionScores]:
     if not EXAMPLE.is_dir():
-        pytest.skip("shared clipscore_example test data not present")
+        pytest.fail(f"test data missing: {EXAMPLE} (shared/testdata must sit beside the checkout)")
     refs = _load("refs.json")
     spice_lib = sorted(p.name for p in (captioning.DEFAULT_SPICE_DIR / "lib").iterdir())
     scores = {kind: score_captions(_load(f"{kind}_captions.json"), refs) for kind in PUBLISHED}
