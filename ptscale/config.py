@@ -29,6 +29,10 @@ class ModelConfig:
     pretrain_steps: int = 1200  # for the embedded default backbone (pre-trained once, cached)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    # Frozen base weights stored in 4 bits (nf4 / fp4, QLoRA-style: double quantisation, packed in the model
+    # dtype so ZeRO-3 can shard them) or 8 bits (int8), through bitsandbytes; for prefix / LoRA / adapter
+    # stages. Needs a checkpoint (model.path or the embedded default).
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
 
 
 @dataclass
@@ -307,6 +311,11 @@ PREFIX_TARGETS = ("qformer", "vision", "language_model", "encoder", "decoder")
 LORA_COMPONENTS = ("vision", "qformer", "language_model")
 
 
+# bitsandbytes replaces the Linear layers of the vision tower, the language projection and the language model;
+# transformers keeps BLIP-2's Q-Former (and the LM head) in full precision (_keep_in_fp32_modules).
+QUANTIZED_GROUPS = ("vision", "projection", "language_model")
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks across keys that types alone cannot express."""
     # the group names are owned by the model side
@@ -341,6 +350,10 @@ def validate(cfg: RunConfig) -> None:
                 known = ", ".join((*GROUPS, *GROUP_ALIASES))
                 raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {known}")
         stage.train = expand_groups(stage.train)
+        if cfg.model.quantization != "none" and (frozen := set(stage.train) & set(QUANTIZED_GROUPS)):
+            raise RecipeError(f"{key}.train: trains {', '.join(sorted(frozen))}, whose Linear weights are stored "
+                              f"quantized (model.quantization={cfg.model.quantization}) and cannot train; train "
+                              "prefix / lora / adapter on a quantized base, or set model.quantization: none")
         if "prefix" in stage.train and not has_prefix:
             raise RecipeError(f"{key}.train: trains 'prefix' but every prefix.lengths is 0")
         if "lora" in stage.train and not has_lora:

@@ -5,6 +5,7 @@
 - ``--merged DIR``: LoRA merged into the base weights, ``save_pretrained`` (loadable by ``from_pretrained``),
   with the prefixes folded into static keys/values beside it (``ptscale.tuners.export.load_merged``).
 Weights come from the run's newest checkpoint: already gathered (full tensors), so no DeepSpeed is needed.
+A run trained on a quantised base (``model.quantization``) exports against the full-precision base.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def run_export_command(args: argparse.Namespace) -> int:
 
     if not (args.trainable or args.peft or args.merged):
         raise SystemExit("ptscale export: name at least one of --trainable, --peft, --merged")
-    run = load_run(args.run_dir, args.ckpt)
+    run = load_run(args.run_dir, args.ckpt, full_precision=True)
+    if run.cfg.model.quantization != "none":
+        print(f"the run trained on a {run.cfg.model.quantization}-quantised base: exporting against the "
+              "full-precision base weights (the QLoRA convention)")
     if args.trainable:
         _, tuned, _ = read_checkpoint(run.checkpoint)
         meta = {"run": str(run.run_dir), "checkpoint": run.checkpoint.name}

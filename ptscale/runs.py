@@ -29,7 +29,9 @@ class LoadedRun:
     checkpoint: Path
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_precision: bool = False) -> LoadedRun:
+    """``full_precision``: load the base weights unquantised even when the run trained on a quantised base
+    (``model.quantization``): exports merge and save against the original weights, as QLoRA does."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no recipe.yaml; point at a run directory written by launchers/train.py")
@@ -42,7 +44,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     if not cfg.model.path and not is_complete(Path(backbone_dir)):
         raise FileNotFoundError(f"the default backbone this run used ({backbone_dir}) is not in the cache; "
                                 "run launchers/train.py once to build it, or set PTSCALE_CACHE")
-    backbone = load_backbone(backbone_dir, cfg.model.dtype)
+    quantization = "none" if full_precision else cfg.model.quantization
+    backbone = load_backbone(backbone_dir, cfg.model.dtype, quantization)
     model = build_model(cfg, backbone)
     _, tuned, _ = read_checkpoint(found[-1])
     params = dict(model.named_parameters())

@@ -188,7 +188,7 @@ def pretrained_subject(cfg: RunConfig) -> Subject:
     from ptscale.models.backbone import load_backbone
 
     path = _backbone_dir(cfg)
-    backbone = load_backbone(path, cfg.model.dtype)
+    backbone = load_backbone(path, cfg.model.dtype, cfg.model.quantization)
     collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
                                backbone.image_token_id, prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
     return Subject("pre-trained", "reference", backbone.model.eval(), collator,

@@ -115,12 +115,39 @@ def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
     log.warning("default backbone ready in %.0f s", time.time() - t0)
 
 
-def load_backbone(path: str | Path, dtype: str = "fp32") -> Backbone:
+def quantization_config(quantization: str, dtype: str):
+    """bitsandbytes settings for ``model.quantization``; None for "none".
+
+    4-bit weights are packed into the model dtype (``bnb_4bit_quant_storage``): ZeRO-3 gathers a module's
+    parameters in one flat buffer of a single dtype, so packed uint8 beside bf16/fp32 parameters would not
+    shard (transformers' and peft's documented QLoRA + ZeRO-3 setting).
+    """
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"model.quantization={quantization} needs bitsandbytes: pip install -e '.[quant]'") from e
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_quant_storage=DTYPES[dtype])
+
+
+def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none") -> Backbone:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 "
                                 "checkpoint directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
-    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+    quant = quantization_config(quantization, dtype)
+    if quant is None:
+        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+    else:  # bitsandbytes quantises while loading, on the device this rank computes on
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quant,
+                                                              device_map={"": device})
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     if getattr(model.config, "image_token_id", None) is None:

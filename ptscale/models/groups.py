@@ -53,8 +53,16 @@ def params_in(model: nn.Module, groups: set[str] | list[str]) -> Iterator[tuple[
 
 
 def numel(p: nn.Parameter) -> int:
-    """Full size, also for a ZeRO-3 partitioned parameter (whose local shape is (0,))."""
+    """Full logical size: also for a ZeRO-3 partitioned parameter (whose local shape is (0,)) and for a
+    bitsandbytes 4-bit weight (stored packed, two values per byte; its quant_state keeps the real shape)."""
+    if (state := getattr(p, "quant_state", None)) is not None:
+        return state.shape.numel()
     return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
+
+
+def is_quantized(p: nn.Parameter) -> bool:
+    """A bitsandbytes-quantised weight (Params4bit, Int8Params): frozen by construction."""
+    return type(p).__name__ in ("Params4bit", "Int8Params")
 
 
 def group_sizes(model: nn.Module) -> dict[str, int]:
@@ -70,6 +78,9 @@ def set_trainable(model: nn.Module, groups: list[str]) -> tuple[int, int]:
     trainable = total = 0
     for name, p in model.named_parameters():
         on = group_of(name) in wanted
+        if on and is_quantized(p):
+            raise ValueError(f"{name} is stored quantized (model.quantization) and cannot train in a stage that "
+                             f"trains {group_of(name)!r}; train prefix / lora / adapter on a quantized base")
         p.requires_grad_(on)
         total += numel(p)
         trainable += numel(p) if on else 0

@@ -157,7 +157,7 @@ class PTPEFTRecipe:
     def _load_backbone(self) -> Backbone:
         m = self.cfg.model
         path = m.path or ensure_default_backbone(m, rank=self.dist.rank, barrier=ds.barrier)
-        return load_backbone(path, m.dtype)
+        return load_backbone(path, m.dtype, m.quantization)
 
     # --- train ----------------------------------------------------------------------------------------
     def train(self) -> None:
