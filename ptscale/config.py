@@ -26,7 +26,7 @@ class RecipeError(ValueError):
 class ModelConfig:
     preset: str = "tiny-blip2-opt"  # a named architecture (see ptscale.models.presets)
     path: str | None = None  # local HF checkpoint directory; overrides the preset's weights
-    pretrain_steps: int = 1200  # for the embedded default backbone (pre-trained once, cached)
+    pretrain_steps: int = 1200  # for the embedded default backbone (pre-trained once, cached); 0: random weights
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     # Frozen base weights stored in 4 bits (nf4 / fp4, QLoRA-style: double quantisation, packed in the model

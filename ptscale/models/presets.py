@@ -42,6 +42,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Presets with an embedded pre-training recipe (ptscale.models.pretrain): without model.path they are pre-trained
+# once and cached. The others are geometries: random weights without a checkpoint.
+PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt",)
+
+
 def blip2_config(preset: str, *, vocab_size: int | None = None, pad: int = 1, bos: int = 2, eos: int = 2,
                  image_token: int | None = None) -> Blip2Config:
     if preset not in PRESETS:

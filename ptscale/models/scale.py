@@ -156,6 +156,23 @@ def build_sharded_backbone(preset: str, ds_config: dict, dtype: str) -> Backbone
     """
     from transformers import Blip2ForConditionalGeneration
 
+    cfg, tokenizer = _random_preset(preset)
+    with _zero3_transformers(ds_config, dtype) as hf_ds_config:
+        model = Blip2ForConditionalGeneration._from_config(cfg, dtype=DTYPES[dtype])
+        _finish_sharding(model, ds_config, hf_ds_config)
+    return Backbone(model, tokenizer, image_processor(cfg.vision_config.image_size), Path(f"<random {preset}>"))
+
+
+def build_random_backbone(preset: str, dtype: str) -> Backbone:
+    """The same random-weights preset, whole on this rank (no ZeRO-3)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    cfg, tokenizer = _random_preset(preset)
+    model = Blip2ForConditionalGeneration._from_config(cfg, dtype=DTYPES[dtype])
+    return Backbone(model, tokenizer, image_processor(cfg.vision_config.image_size), Path(f"<random {preset}>"))
+
+
+def _random_preset(preset: str) -> tuple[object, object]:
     from ptscale.data.synthetic import vocabulary
     from ptscale.models.presets import blip2_config
     from ptscale.models.tokenizer import word_tokenizer
@@ -166,10 +183,7 @@ def build_sharded_backbone(preset: str, ds_config: dict, dtype: str) -> Backbone
     if cfg.text_config.vocab_size < len(tokenizer):
         raise ValueError(f"preset {preset}: vocabulary {cfg.text_config.vocab_size} is smaller than the synthetic "
                          f"tokenizer's {len(tokenizer)}")
-    with _zero3_transformers(ds_config, dtype) as hf_ds_config:
-        model = Blip2ForConditionalGeneration._from_config(cfg, dtype=DTYPES[dtype])
-        _finish_sharding(model, ds_config, hf_ds_config)
-    return Backbone(model, tokenizer, image_processor(cfg.vision_config.image_size), Path(f"<random {preset}>"))
+    return cfg, tokenizer
 
 
 def load_sharded_backbone(path: str | Path, ds_config: dict, dtype: str) -> Backbone:

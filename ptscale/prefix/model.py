@@ -86,14 +86,14 @@ class PrefixTunedModel(nn.Module):
         if image_embeds is not None:
             from ptscale.models.feature_cache import blip2_inputs_from_image_embeds
 
-            with _gathered(list(self.base.parameters(recurse=False))):
+            with gathered(list(self.base.parameters(recurse=False))):
                 batch.update(blip2_inputs_from_image_embeds(self.base, image_embeds))
         return self.base(**batch)
 
     @torch.no_grad()
     def generate(self, **kwargs) -> torch.Tensor:
         self._activate()
-        with _gathered(list(self.base.parameters(recurse=False))):
+        with gathered(list(self.base.parameters(recurse=False))):
             return self.base.generate(**kwargs)
 
     # --- analysis (paper table 5) ----------------------------------------------------------------------
@@ -162,7 +162,7 @@ def prefix_parameter_report(model: PrefixTunedModel) -> dict[str, dict[str, floa
 
 
 @contextlib.contextmanager
-def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
     """Full ZeRO-3 parameters inside the block (a no-op without ZeRO-3). ``generate`` reads top-level
     parameters (BLIP-2's query_tokens) outside any module forward, where ZeRO-3's hooks would not gather
     them; saving and loading prefixes read and write whole tensors (``modifier_rank``: the rank whose

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ptscale.prefix.model import PrefixTunedModel, _gathered
+from ptscale.prefix.model import PrefixTunedModel, gathered
 
 FORMAT = "ptscale-prefixes/1"
 
@@ -29,7 +29,7 @@ def _describe(model: PrefixTunedModel) -> dict[str, dict]:
 def save_prefixes(model: PrefixTunedModel, path: str | Path) -> None:
     """Write the prefix parameters (full tensors, also under ZeRO-3) and their description."""
     params = dict(model.prefixes.named_parameters(prefix="prefixes"))
-    with _gathered(list(params.values())):
+    with gathered(list(params.values())):
         tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
     metadata = {"format": FORMAT, "kind": model.kind, "targets": json.dumps(_describe(model), sort_keys=True)}
     save_file(tensors, str(path), metadata=metadata)
@@ -67,6 +67,6 @@ def load_prefixes(model: PrefixTunedModel, path: str | Path) -> None:
         full = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3: the unpartitioned shape
         if tuple(tensors[name].shape) != full:
             raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)} in the file, {full} in the model")
-    with _gathered(list(params.values()), modifier_rank=0), torch.no_grad():
+    with gathered(list(params.values()), modifier_rank=0), torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])

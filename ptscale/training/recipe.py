@@ -31,7 +31,7 @@ from ptscale.checkpoint import (
     write_checkpoint,
     write_text_atomic,
 )
-from ptscale.config import RunConfig, StageConfig, to_dict
+from ptscale.config import RecipeError, RunConfig, StageConfig, to_dict
 from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, collate_skipping
 from ptscale.data.collate import CaptionCollator
 from ptscale.data.sources import load_splits
@@ -40,7 +40,16 @@ from ptscale.models.backbone import Backbone, ensure_default_backbone, load_back
 from ptscale.models.build import build_model
 from ptscale.models.feature_cache import VisionFeatureCache, fingerprint
 from ptscale.models.groups import group_of, group_sizes, set_trainable
-from ptscale.prefix.model import prefix_parameter_report
+from ptscale.models.presets import PRETRAINABLE
+from ptscale.models.scale import (
+    build_random_backbone,
+    build_sharded_backbone,
+    cast_added_parameters,
+    load_sharded_backbone,
+    memory_report,
+    reset_peaks,
+)
+from ptscale.prefix.model import gathered, prefix_parameter_report
 from ptscale.training import engine as ds
 from ptscale.training.logger import MetricLogger
 
@@ -99,8 +108,10 @@ class PTPEFTRecipe:
         seed_everything(cfg.seed)
         self.run_dir, checkpoint = self._run_dir_and_checkpoint()
         self.logger = MetricLogger(self.run_dir, self.dist.is_main)
+        self.zero3 = ds.zero_stage(self.ds_template) == 3
         self.backbone = self._load_backbone()
         self.model = build_model(cfg, self.backbone)
+        cast_added_parameters(self.model, cfg.model.dtype)  # prefixes/tuners beside a zero.Init-built backbone
         self.collator = CaptionCollator(self.backbone.image_processor, self.backbone.tokenizer,
                                         self.backbone.num_query_tokens, self.backbone.image_token_id,
                                         prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
@@ -108,7 +119,6 @@ class PTPEFTRecipe:
         self.train_records, self.eval_records = self.splits.train, self.splits.eval
         self.bad_data = BadDataReport()
         self.cache: VisionFeatureCache | None = None
-        self.zero3 = ds.zero_stage(self.ds_template) == 3
         self.progress, self._optimizer_state, self._tuned = Progress(world_size=self.dist.world_size), None, None
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
@@ -146,24 +156,49 @@ class PTPEFTRecipe:
         if missing:
             raise RuntimeError(f"checkpoint {path} holds parameters this recipe's model lacks: {missing[:5]}; "
                                "resume with the recipe that wrote it")
-        with torch.no_grad():  # before any engine exists: the module is still whole
+        with torch.no_grad():  # before any engine exists; a zero.Init-built backbone is already partitioned
             for name, value in tuned.items():
-                params[name].copy_(value.to(params[name].dtype))
+                with gathered([params[name]], modifier_rank=0):  # every rank read the same file
+                    params[name].copy_(value.to(params[name].dtype))
         self.progress, self._optimizer_state, self._tuned = progress, optimizer, tuned
         if self.dist.is_main:
             tqdm.write(f"resuming from {path}: stage {progress.stage_index + 1}, step {progress.step}"
                        f" (saved on {progress.world_size} ranks, now {self.dist.world_size})")
 
     def _load_backbone(self) -> Backbone:
+        """A checkpoint (``model.path``), the cached embedded default, or random weights (a preset without
+        an embedded pre-training, or ``pretrain_steps: 0``). Under ZeRO-3 a checkpoint or random build is
+        partitioned from the first parameter (zero.Init): no rank ever holds the whole model. The embedded
+        default is small and loads whole (ZeRO-3 partitions it at the first engine), and so does a
+        quantised base (bitsandbytes quantises while loading, which zero.Init cannot)."""
         m = self.cfg.model
-        path = m.path or ensure_default_backbone(m, rank=self.dist.rank, barrier=ds.barrier)
-        return load_backbone(path, m.dtype, m.quantization)
+        random_weights = m.path is None and (m.preset not in PRETRAINABLE or m.pretrain_steps == 0)
+        if random_weights:
+            if m.quantization != "none":
+                raise RecipeError(f"model.quantization={m.quantization} needs weights to quantise: set model.path, "
+                                  "or use the embedded default (tiny-blip2-opt with pretrain_steps > 0)")
+            if self.dist.is_main:
+                log.warning("model.preset=%s without model.path: RANDOM weights (geometry, memory and throughput "
+                            "checks; point model.path at a checkpoint to train for real)", m.preset)
+        if not self.zero3 or m.quantization != "none" or (m.path is None and not random_weights):
+            if random_weights:
+                return build_random_backbone(m.preset, m.dtype)
+            path = m.path or ensure_default_backbone(m, rank=self.dist.rank, barrier=ds.barrier)
+            return load_backbone(path, m.dtype, m.quantization)
+        ds_cfg = ds.resolve_ds_config(self.ds_template, self.cfg.stages[0], m.dtype, self.dist.world_size)
+        reset_peaks()
+        if random_weights:
+            backbone = build_sharded_backbone(m.preset, ds_cfg, m.dtype)
+        else:
+            backbone = load_sharded_backbone(m.path, ds_cfg, m.dtype)
+        for report in ds.gather_objects(memory_report(self.dist.rank)):
+            if self.dist.is_main:
+                tqdm.write(report.line(f"built {m.path or m.preset} under zero.Init"))
+        return backbone
 
     # --- train ----------------------------------------------------------------------------------------
     def train(self) -> None:
         p = self.progress
-        if self.cfg.eval.before_training and p.stage_index == 0 and p.step == 0 and not self.results:
-            self.evaluate("before training", -1)
         for index in range(p.stage_index, len(self.cfg.stages)):
             self.run_stage(index, self.cfg.stages[index])
 
@@ -177,6 +212,9 @@ class PTPEFTRecipe:
             self._restore_rng()  # a stage-boundary checkpoint was saved before this engine was built
         engine = ds.build_engine(self.model, stage, ds_cfg, steps)
         self._restore_into(engine, index)
+        if self.cfg.eval.before_training and index == 0 and self.progress.step == 0 and not self.results:
+            # with the first engine alive, before its first step: its hooks gather a partitioned backbone
+            self.evaluate("before training", -1)
         if self.dist.is_main:
             tqdm.write(f"[{name}] trains {', '.join(stage.train)}: {trainable:,} of {total:,} parameters "
                        f"({100 * trainable / total:.3f}%), {steps} steps")
