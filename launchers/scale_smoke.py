@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import platform
 import sys
 import time
@@ -67,19 +66,6 @@ def digests(model: torch.nn.Module, groups: set[str]) -> dict[str, str]:
     return out
 
 
-def unlink_shm_segment(rank: int) -> None:
-    """DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp) creates a 66 MiB
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> per rank and never unlinks it, so every
-    launch leaks RAM-backed tmpfs. Once every rank has mapped every segment (each rank maps all of them
-    inside init_distributed; the barrier makes that true everywhere), unlinking keeps the mappings and
-    the memory goes back at exit."""
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if addr is None or port is None:
-        return
-    ds.barrier()
-    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
-
-
 def machine() -> str:
     import psutil  # a DeepSpeed dependency
 
@@ -106,7 +92,6 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     trimmed = return_freed_memory_promptly()  # before the first large allocation: see its docstring
     dist = ds.init_distributed()
-    unlink_shm_segment(dist.rank)
     template = ds.load_ds_template(args.ds)
     lines: list[str] = []
 

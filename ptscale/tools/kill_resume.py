@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ptscale.checkpoint import list_checkpoints, read_checkpoint
+from ptscale.training.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # Short plan: 6 steps of prefix, 6 of prefix+LoRA, a checkpoint every 2 steps, no evaluation.
@@ -31,15 +31,10 @@ OVERRIDES = ["eval.before_training=false", "methods.prefix.steps=6", "methods.lo
 N_CHECKPOINTS = 6
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 def launch(out: Path, name: str, *extra: str, ranks: int = 2) -> subprocess.Popen:
     bin_dir = Path(sys.executable).parent
-    port = _free_port()
+    port = free_port()
     cmd = [str(bin_dir / "deepspeed"), "--master_port", port, "--num_gpus", str(ranks), "launchers/train.py",
            "--ds", "ds_configs/zero3.json", f"output_dir={out}", f"run_name={name}", *OVERRIDES, *extra]
     log = open(out / f"{name}.log", "a")

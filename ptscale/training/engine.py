@@ -44,17 +44,32 @@ class DistInfo:
 def init_distributed() -> DistInfo:
     """Works under ``deepspeed``, ``torchrun`` (single or multi-node) and plain ``python``."""
     if "RANK" not in os.environ:  # plain python: a world of one, on a port nobody else holds
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
     deepspeed.init_distributed(dist_backend=None)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks on one host share its cores; oversubscribed OpenMP threads spin and crawl.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    if not torch.cuda.is_available():
+        unlink_shm_segment(info.rank)
+        if "OMP_NUM_THREADS" not in os.environ:
+            # CPU ranks on one host share its cores; oversubscribed OpenMP threads spin and crawl.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     return info
 
 
-def _free_port() -> str:
+def unlink_shm_segment(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce (ops/csrc/cpu/comm/shm.cpp) creates a 66 MiB
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> per rank and never unlinks it, so every
+    launch would leak RAM-backed tmpfs. Each rank maps every segment inside init_distributed; after the
+    barrier that is true everywhere, and unlinking keeps the mappings while the memory goes back at exit."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr is None or port is None:
+        return
+    barrier()
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
+
+
+def free_port() -> str:
+    """A TCP port nobody holds now (a launcher's default 29500 collides with any other run)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,11 @@ import pytest
 from ptscale.cli import main
 from ptscale.config import EvalConfig, RunConfig, load_recipe
 from ptscale.eval.run_eval import EVAL_CAPTIONS, EVAL_RESULTS, EvalRequest, generation_settings, load_eval_data
+from ptscale.training.engine import free_port
 from tests.runs_fixture import ROOT, tiny_runs  # noqa: F401
 
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _final(run: Path) -> tuple[dict, dict[str, str]]:

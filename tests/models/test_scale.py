@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from ptscale.config import LoraConfig, PrefixConfig
 from ptscale.models.scale import ZeroBuffers, check_zero3_config, count_parameters, plan_rank
+from ptscale.training.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,15 +94,10 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def sharded() -> dict:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
         env.pop(key, None)  # a world of one, whatever launched pytest

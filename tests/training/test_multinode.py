@@ -19,6 +19,7 @@ import pytest
 
 from ptscale.checkpoint import list_checkpoints
 from ptscale.tools.kill_resume import final_weights, max_diff
+from ptscale.training.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launchers" / "multinode_torchrun.sh"
@@ -27,17 +28,9 @@ PLAN = ["eval.before_training=false", "methods.prefix.steps=3", "methods.lora.st
 SHM = Path("/dev/shm")
 
 
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _start_nodes(out: Path, name: str, attempt: str) -> list[subprocess.Popen]:
     """Both nodes at once, each in its own process group (a node = a torchrun agent and its worker)."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         env = {**os.environ, "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
