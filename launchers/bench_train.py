@@ -32,11 +32,12 @@ import torch
 from ptscale.config import load_recipe
 from ptscale.data.collate import CaptionCollator
 from ptscale.data.sources import load_splits
-from ptscale.models.backbone import ensure_default_backbone, load_backbone
 from ptscale.models.build import build_model
 from ptscale.models.feature_cache import VisionFeatureCache
 from ptscale.models.groups import set_trainable
+from ptscale.models.scale import cast_added_parameters
 from ptscale.training import engine as ds
+from ptscale.training.recipe import load_run_backbone
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor specs
 
@@ -108,13 +109,13 @@ def main() -> int:
     args = ap.parse_args()
     cfg = load_recipe(None, args.overrides)
     dist = ds.init_distributed()
-    path = cfg.model.path or ensure_default_backbone(cfg.model, rank=dist.rank, barrier=ds.barrier)
-    backbone = load_backbone(path, cfg.model.dtype)
+    template = ds.load_ds_template(args.ds)
+    backbone = load_run_backbone(cfg, template, dist)  # as the recipe: partitioned under ZeRO-3 where it applies
     model = build_model(cfg, backbone)
+    cast_added_parameters(model, cfg.model.dtype)
     collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
                                backbone.image_token_id, prompt=cfg.data.prompt)
     records = list(load_splits(cfg.data, collator).train)
-    template = ds.load_ds_template(args.ds)
     rows = []
     for stage in cfg.stages:
         for mode in ("baseline", "ptscale"):

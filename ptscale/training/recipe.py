@@ -95,6 +95,38 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def load_run_backbone(cfg: RunConfig, ds_template: dict, dist: ds.DistInfo) -> Backbone:
+    """A checkpoint (``model.path``), the cached embedded default, or random weights (a preset without
+    an embedded pre-training, or ``pretrain_steps: 0``). Under ZeRO-3 a checkpoint or random build is
+    partitioned from the first parameter (zero.Init): no rank ever holds the whole model. The embedded
+    default is small and loads whole (ZeRO-3 partitions it at the first engine), and so does a quantised
+    base (bitsandbytes quantises while loading, which zero.Init cannot)."""
+    m = cfg.model
+    random_weights = m.path is None and (m.preset not in PRETRAINABLE or m.pretrain_steps == 0)
+    if random_weights:
+        if m.quantization != "none":
+            raise RecipeError(f"model.quantization={m.quantization} needs weights to quantise: set model.path, "
+                              "or use the embedded default (tiny-blip2-opt with pretrain_steps > 0)")
+        if dist.is_main:
+            log.warning("model.preset=%s without model.path: RANDOM weights (geometry, memory and throughput "
+                        "checks; point model.path at a checkpoint to train for real)", m.preset)
+    if ds.zero_stage(ds_template) != 3 or m.quantization != "none" or (m.path is None and not random_weights):
+        if random_weights:
+            return build_random_backbone(m.preset, m.dtype)
+        path = m.path or ensure_default_backbone(m, rank=dist.rank, barrier=ds.barrier)
+        return load_backbone(path, m.dtype, m.quantization)
+    ds_cfg = ds.resolve_ds_config(ds_template, cfg.stages[0], m.dtype, dist.world_size)
+    reset_peaks()
+    if random_weights:
+        backbone = build_sharded_backbone(m.preset, ds_cfg, m.dtype)
+    else:
+        backbone = load_sharded_backbone(m.path, ds_cfg, m.dtype)
+    for report in ds.gather_objects(memory_report(dist.rank)):
+        if dist.is_main:
+            tqdm.write(report.line(f"built {m.path or m.preset} under zero.Init"))
+    return backbone
+
+
 class PTPEFTRecipe:
     def __init__(self, cfg: RunConfig, ds_template: dict, resume: str | None = None) -> None:
         self.cfg = cfg
@@ -109,7 +141,7 @@ class PTPEFTRecipe:
         self.run_dir, checkpoint = self._run_dir_and_checkpoint()
         self.logger = MetricLogger(self.run_dir, self.dist.is_main)
         self.zero3 = ds.zero_stage(self.ds_template) == 3
-        self.backbone = self._load_backbone()
+        self.backbone = load_run_backbone(cfg, self.ds_template, self.dist)
         self.model = build_model(cfg, self.backbone)
         cast_added_parameters(self.model, cfg.model.dtype)  # prefixes/tuners beside a zero.Init-built backbone
         self.collator = CaptionCollator(self.backbone.image_processor, self.backbone.tokenizer,
@@ -164,37 +196,6 @@ class PTPEFTRecipe:
         if self.dist.is_main:
             tqdm.write(f"resuming from {path}: stage {progress.stage_index + 1}, step {progress.step}"
                        f" (saved on {progress.world_size} ranks, now {self.dist.world_size})")
-
-    def _load_backbone(self) -> Backbone:
-        """A checkpoint (``model.path``), the cached embedded default, or random weights (a preset without
-        an embedded pre-training, or ``pretrain_steps: 0``). Under ZeRO-3 a checkpoint or random build is
-        partitioned from the first parameter (zero.Init): no rank ever holds the whole model. The embedded
-        default is small and loads whole (ZeRO-3 partitions it at the first engine), and so does a
-        quantised base (bitsandbytes quantises while loading, which zero.Init cannot)."""
-        m = self.cfg.model
-        random_weights = m.path is None and (m.preset not in PRETRAINABLE or m.pretrain_steps == 0)
-        if random_weights:
-            if m.quantization != "none":
-                raise RecipeError(f"model.quantization={m.quantization} needs weights to quantise: set model.path, "
-                                  "or use the embedded default (tiny-blip2-opt with pretrain_steps > 0)")
-            if self.dist.is_main:
-                log.warning("model.preset=%s without model.path: RANDOM weights (geometry, memory and throughput "
-                            "checks; point model.path at a checkpoint to train for real)", m.preset)
-        if not self.zero3 or m.quantization != "none" or (m.path is None and not random_weights):
-            if random_weights:
-                return build_random_backbone(m.preset, m.dtype)
-            path = m.path or ensure_default_backbone(m, rank=self.dist.rank, barrier=ds.barrier)
-            return load_backbone(path, m.dtype, m.quantization)
-        ds_cfg = ds.resolve_ds_config(self.ds_template, self.cfg.stages[0], m.dtype, self.dist.world_size)
-        reset_peaks()
-        if random_weights:
-            backbone = build_sharded_backbone(m.preset, ds_cfg, m.dtype)
-        else:
-            backbone = load_sharded_backbone(m.path, ds_cfg, m.dtype)
-        for report in ds.gather_objects(memory_report(self.dist.rank)):
-            if self.dist.is_main:
-                tqdm.write(report.line(f"built {m.path or m.preset} under zero.Init"))
-        return backbone
 
     # --- train ----------------------------------------------------------------------------------------
     def train(self) -> None:
