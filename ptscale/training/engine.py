@@ -185,6 +185,13 @@ def release(engine) -> None:
     """Destroy a stage's engine so that nothing keeps it (or its optimizer state) alive."""
     optimizer = engine.optimizer
     engine.destroy()
+    for sub in engine.module.modules():
+        # ZeRO-3 creates each module's pre/post-backward autograd Functions once ("if 'pre_bwd_fn' not in
+        # module.__dict__"), closing over the engine that made them: the next stage's engine would reuse this
+        # one's, and its coordinator never sees the backward (activation-checkpoint recompute then frees
+        # frozen weights it still needs: CheckpointError). Dropping them makes the next engine build its own.
+        for attr in ("pre_bwd_fn", "post_bwd_fn"):
+            sub.__dict__.pop(attr, None)
     for attr in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
         handle = getattr(engine, attr, None)
         if handle is not None:

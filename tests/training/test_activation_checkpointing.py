@@ -1,0 +1,29 @@
+"""Activation checkpointing under ZeRO-3 across a stage switch: the second stage's engine must own its backward
+hooks (DeepSpeed reuses a module's first pre/post-backward Functions, bound to the first engine, unless
+engine.release drops them; the recompute then frees frozen weights and torch raises CheckpointError).
+The same run with and without checkpointing ends at the same weights."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from ptscale.tools.kill_resume import max_diff
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(out: Path, name: str, checkpointing: bool) -> dict:
+    proc = subprocess.run([sys.executable, "launchers/train.py", "--ds", "ds_configs/zero3.json", f"output_dir={out}",
+                           f"run_name={name}", f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                           "methods={prefix: {steps: 2, lr: 1.0e-3, evaluate: false}, "
+                           "lora: {steps: 2, lr: 1.0e-3, evaluate: false}}",
+                           "eval.before_training=false", "data.train_size=32", "checkpoint.every_steps=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(out / name / "stage-2-prefix+lora" / "trainable.safetensors")
+
+
+def test_checkpointed_two_stage_run_matches_the_plain_one(tmp_path):
+    assert max_diff(_run(tmp_path, "checkpointed", True), _run(tmp_path, "plain", False)) <= 1e-5
