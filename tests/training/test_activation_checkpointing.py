@@ -1,7 +1,7 @@
 """Activation checkpointing under ZeRO-3 across a stage switch: the second stage's engine must own its backward
 hooks (DeepSpeed reuses a module's first pre/post-backward Functions, bound to the first engine, unless
 engine.release drops them; the recompute then frees frozen weights and torch raises CheckpointError).
-The same run with and without checkpointing ends at the same weights."""
+The same run with checkpointing and CPU offload, and with neither, ends at the same weights."""
 
 import subprocess
 import sys
@@ -14,8 +14,8 @@ from ptscale.tools.kill_resume import max_diff
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(out: Path, name: str, checkpointing: bool) -> dict:
-    proc = subprocess.run([sys.executable, "launchers/train.py", "--ds", "ds_configs/zero3.json", f"output_dir={out}",
+def _run(out: Path, name: str, checkpointing: bool, ds_config: str) -> dict:
+    proc = subprocess.run([sys.executable, "launchers/train.py", "--ds", ds_config, f"output_dir={out}",
                            f"run_name={name}", f"model.gradient_checkpointing={str(checkpointing).lower()}",
                            "methods={prefix: {steps: 2, lr: 1.0e-3, evaluate: false}, "
                            "lora: {steps: 2, lr: 1.0e-3, evaluate: false}}",
@@ -25,5 +25,7 @@ def _run(out: Path, name: str, checkpointing: bool) -> dict:
     return load_file(out / name / "stage-2-prefix+lora" / "trainable.safetensors")
 
 
-def test_checkpointed_two_stage_run_matches_the_plain_one(tmp_path):
-    assert max_diff(_run(tmp_path, "checkpointed", True), _run(tmp_path, "plain", False)) <= 1e-5
+def test_checkpointed_offloaded_two_stage_run_matches_the_plain_one(tmp_path):
+    """Checkpointing on, parameters and optimizer offloaded to the host (zero3_offload.json), vs neither."""
+    checkpointed = _run(tmp_path, "checkpointed", True, "ds_configs/zero3_offload.json")
+    assert max_diff(checkpointed, _run(tmp_path, "plain", False, "ds_configs/zero3.json")) <= 1e-5
