@@ -11,6 +11,13 @@ Methods (each runs forward + backward with gradients for q, k, v and, where ther
                   for fp32 (flash-attn has no fp32 kernels)
 FlexAttention (a batch-1 prefix merged with the sequence by log-sum-exp) is not included.
 
+Prefix-Tuning+ (the same P prefix keys / values as a gated linear-attention memory, feature map
+--feature-map; gradients also for the per-head gate):
+  plus_ours       ptscale_kernels: plus_memory (torch, (H, D, D)) + prefix_plus_attention (the sequence
+                  flash-attention with the memory term fused into its epilogues)
+  plus_torch      what the hook runs without the kernel: torch SDPA over the sequence + ptscale's
+                  memory_term (a (B, H, L, D) term added to the output)
+
 Timing: CUDA events around each forward + backward, after warm-up, median of repeats; gradients are
 reset outside the timed region. Memory: torch.cuda.max_memory_allocated over one forward + backward
 (peak_mib), and the same minus what was allocated before the step (extra_mib: activations, workspace
@@ -37,10 +44,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from ptscale_kernels import prefix_attention, prefix_attention_mask, prefix_attention_reference
+from ptscale_kernels import (
+    plus_memory,
+    prefix_attention,
+    prefix_attention_mask,
+    prefix_attention_reference,
+    prefix_plus_attention,
+)
+
+from ptscale.prefix.plus import FEATURE_MAPS, PlusLayer, memory_term
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-METHODS = ("ours", "peft", "sdpa_no_prefix", "flash_concat")
+PLUS_METHODS = ("plus_ours", "plus_torch")
+METHODS = ("ours", "peft", "sdpa_no_prefix", "flash_concat", *PLUS_METHODS)
 # Max |error| allowed in --check, relative to max(1, max |reference|), against an fp32 reference.
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
@@ -55,14 +71,15 @@ class BenchShape:
     head_dim: int
     causal: bool
     dtype: str  # key of DTYPES
+    feature_map: str = "elu1"  # Prefix-Tuning+ methods only
 
     @property
     def label(self) -> str:
         return f"{self.name} L{self.seq_len} P{self.prefix_len} {self.dtype}"
 
 
-def bench_shapes(quick: bool = False, dtype: str | None = None) -> list[BenchShape]:
-    """The benchmark grid; `dtype` overrides each shape's own dtype."""
+def bench_shapes(quick: bool = False, dtype: str | None = None, feature_map: str = "elu1") -> list[BenchShape]:
+    """The benchmark grid; `dtype` overrides each shape's own dtype; `feature_map` is for the plus_* methods."""
     shapes = [
         # BLIP-2 OPT-2.7B language model: hidden 2560 = 32 heads x 80; captions are short.
         *(BenchShape("blip2-opt2.7b", 64, 32, 64, p, 80, True, "bf16") for p in (8, 16)),
@@ -80,7 +97,7 @@ def bench_shapes(quick: bool = False, dtype: str | None = None) -> list[BenchSha
         shapes = [s for s in shapes if (s.name, s.seq_len, s.prefix_len) in keep]
     if dtype is not None:
         shapes = [replace(s, dtype=dtype) for s in shapes]
-    return shapes
+    return [replace(s, feature_map=feature_map) for s in shapes]
 
 
 def attention_flops(
@@ -99,6 +116,19 @@ def attention_flops(
     return {"fwd": forward, "bwd": backward, "fwd_bwd": forward + backward}
 
 
+def plus_attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, causal: bool) -> dict[str, float]:
+    """Prefix-Tuning+: the sequence attention (`attention_flops` with P = 0) plus the memory term.
+
+    Memory forward: phi(s Q) M, 2 * D * D FLOPs per query, 2 * B * H * L * D^2 (the normaliser, a matvec,
+    is not counted). Backward: 3.0x that: dM = phi^T (dO / den), M dO for d phi(q), and M dO once more for
+    Delta in the memory-gradient pass. The P-sized M = phi(K)^T V is not counted (P << B * L).
+    """
+    flops = attention_flops(batch, heads, seq_len, 0, head_dim, causal)
+    memory = 2.0 * batch * heads * seq_len * head_dim * head_dim
+    forward, backward = flops["fwd"] + memory, flops["bwd"] + 3.0 * memory
+    return {"fwd": forward, "bwd": backward, "fwd_bwd": forward + backward}
+
+
 # ---------------------------------------------------------------------------------------------------
 # methods: each returns (step, leaves); step() runs forward + backward once
 # ---------------------------------------------------------------------------------------------------
@@ -114,6 +144,7 @@ class Inputs:
     prefix_k: torch.Tensor  # (H, P, D)
     prefix_v: torch.Tensor
     grad_out: torch.Tensor  # (B, H, L, D)
+    gate: torch.Tensor  # (H,) fp32: the Prefix-Tuning+ gate (non-zero, so that the memory term counts)
 
 
 def make_inputs(shape: BenchShape, device: torch.device, seed: int = 0) -> Inputs:
@@ -125,7 +156,8 @@ def make_inputs(shape: BenchShape, device: torch.device, seed: int = 0) -> Input
     def randn(size: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(size, generator=gen, device=device, dtype=dtype)
 
-    return Inputs(randn(seq), randn(seq), randn(seq), randn(pre), randn(pre), randn(seq))
+    gate = torch.randn(shape.heads, generator=gen, device=device)
+    return Inputs(randn(seq), randn(seq), randn(seq), randn(pre), randn(pre), randn(seq), gate)
 
 
 def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -198,11 +230,40 @@ def method_flash_concat(inputs: Inputs, shape: BenchShape) -> tuple[Step, list[t
     return step, leaves
 
 
+PlusFn = Callable[..., torch.Tensor]  # (q, k, v, prefix_k, prefix_v, gate, *, feature_map, causal) -> o
+
+
+def plus_ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+              gate: torch.Tensor, *, feature_map: str, causal: bool) -> torch.Tensor:
+    memory, norm = plus_memory(prefix_k, prefix_v, feature_map)
+    return prefix_plus_attention(q, k, v, memory, norm, gate, feature_map=feature_map, causal=causal)
+
+
+def plus_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+               gate: torch.Tensor, *, feature_map: str, causal: bool) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out + memory_term(q, PlusLayer(prefix_k, prefix_v, gate, feature_map), q.shape[-1] ** -0.5)
+
+
+def _plus_method(fn: PlusFn) -> Callable[[Inputs, BenchShape], tuple[Step, list[torch.Tensor]]]:
+    def method(inputs: Inputs, shape: BenchShape) -> tuple[Step, list[torch.Tensor]]:
+        leaves = _leaves(inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.gate)
+
+        def step() -> None:
+            fn(*leaves, feature_map=shape.feature_map, causal=shape.causal).backward(inputs.grad_out)
+
+        return step, leaves
+
+    return method
+
+
 METHOD_FNS = {
     "ours": method_ours,
     "peft": method_peft,
     "sdpa_no_prefix": method_sdpa_no_prefix,
     "flash_concat": method_flash_concat,
+    "plus_ours": _plus_method(plus_ours),
+    "plus_torch": _plus_method(plus_torch),
 }
 
 
@@ -269,14 +330,42 @@ def check_shape(inputs: Inputs, shape: BenchShape) -> dict[str, float]:
     return errors
 
 
+def check_plus_shape(inputs: Inputs, shape: BenchShape) -> dict[str, float]:
+    """Max relative error of plus_ours and plus_torch, output and all gradients (the gate's included), vs
+    plus_torch in fp32 (q, k, v and the prefix in fp32; the gate is an fp32 parameter either way)."""
+    names = ("o", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "dgate")
+    tensors = (inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v)
+
+    def run(fn: PlusFn, dtype: torch.dtype) -> list[torch.Tensor]:
+        leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+        leaves.append(inputs.gate.detach().clone().requires_grad_())
+        out = fn(*leaves, feature_map=shape.feature_map, causal=shape.causal)
+        out.backward(inputs.grad_out.to(dtype))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    want = run(plus_torch, torch.float32)
+    dtype = DTYPES[shape.dtype]
+    errors = {}
+    for label, fn in (("plus_ours", plus_ours), ("plus_torch", plus_torch)):
+        for name, got, ref in zip(names, run(fn, dtype), want, strict=True):
+            errors[f"{label}_err_{name}"] = _max_rel_error(got, ref)
+    return errors
+
+
+def method_flops(method: str, shape: BenchShape) -> dict[str, float]:
+    if method in PLUS_METHODS:
+        return plus_attention_flops(shape.batch, shape.heads, shape.seq_len, shape.head_dim, shape.causal)
+    prefix_len = 0 if method == "sdpa_no_prefix" else shape.prefix_len
+    return attention_flops(shape.batch, shape.heads, shape.seq_len, prefix_len, shape.head_dim, shape.causal)
+
+
 def bench_method(method: str, inputs: Inputs, shape: BenchShape, warmup: int, repeats: int) -> dict[str, object]:
     row: dict[str, object] = {"method": method}
     if method == "flash_concat":
         status = flash_attn_status(DTYPES[shape.dtype])
         if status != "ok":
             return row | {"status": status}
-    prefix_len = 0 if method == "sdpa_no_prefix" else shape.prefix_len
-    flops = attention_flops(shape.batch, shape.heads, shape.seq_len, prefix_len, shape.head_dim, shape.causal)
+    flops = method_flops(method, shape)
     try:
         step, leaves = METHOD_FNS[method](inputs, shape)
         times = time_step(step, leaves, warmup, repeats)
@@ -299,16 +388,21 @@ def bench_method(method: str, inputs: Inputs, shape: BenchShape, warmup: int, re
 
 
 def add_ratios(rows: list[dict[str, object]]) -> None:
-    """Per shape, compare every timed method with (a) peft and (b) sdpa_no_prefix of the same run."""
+    """Per shape, compare every timed method with (a) peft and (b) sdpa_no_prefix of the same run; the
+    Prefix-Tuning+ methods with plus_torch (not with peft, a different computation) and sdpa_no_prefix."""
     by_shape: dict[str, dict[str, dict[str, object]]] = {}
     for row in rows:
         by_shape.setdefault(str(row["shape"]), {})[str(row["method"])] = row
     for methods in by_shape.values():
-        peft, plain = methods.get("peft"), methods.get("sdpa_no_prefix")
-        for row in methods.values():
+        peft, plain, plus = methods.get("peft"), methods.get("sdpa_no_prefix"), methods.get("plus_torch")
+        for name, row in methods.items():
             if row.get("status") != "ok":
                 continue
-            if peft is not None and peft.get("status") == "ok":
+            if name in PLUS_METHODS:
+                if plus is not None and plus.get("status") == "ok":
+                    row["speedup_vs_plus_torch"] = float(plus["ms_median"]) / float(row["ms_median"])
+                    row["extra_mem_vs_plus_torch"] = float(row["extra_mib"]) / float(plus["extra_mib"])
+            elif peft is not None and peft.get("status") == "ok":
                 row["speedup_vs_peft"] = float(peft["ms_median"]) / float(row["ms_median"])
                 row["extra_mem_vs_peft"] = float(row["extra_mib"]) / float(peft["extra_mib"])
             if plain is not None and plain.get("status") == "ok":
@@ -323,7 +417,7 @@ def add_ratios(rows: list[dict[str, object]]) -> None:
 def format_table(rows: list[dict[str, object]]) -> str:
     header = (
         f"{'shape':34s} {'method':15s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MiB':>9s} {'extra MiB':>9s} "
-        f"{'vs peft':>8s} {'vs noprefix':>11s}"
+        f"{'vs peft':>8s} {'vs noprefix':>11s} {'vs plus_torch':>13s}"
     )
     lines = [header, "-" * len(header)]
 
@@ -341,6 +435,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
             num(row, "extra_mib", "9.0f"),
             num(row, "speedup_vs_peft", "7.2f") + "x",
             num(row, "time_vs_no_prefix", "10.2f") + "x",
+            num(row, "speedup_vs_plus_torch", "12.2f") + "x",
         ]
         lines.append(f"{row['shape']!s:34s} {row['method']!s:15s} " + " ".join(cells))
     return "\n".join(lines)
@@ -403,7 +498,8 @@ def run_metadata(argv: list[str]) -> dict[str, object]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv[:1], *argv]),
         "flops_formula": "fwd = 4*B*H*L*(P + (L/2 if causal else L))*D; fwd+bwd = 3.5*fwd "
-        "(bwd = 2.0 + 0.5 recompute); sdpa_no_prefix uses P = 0",
+        "(bwd = 2.0 + 0.5 recompute); sdpa_no_prefix uses P = 0; plus_*: attention with P = 0 "
+        "+ memory fwd 2*B*H*L*D^2, memory bwd 3x that",
         "timing": "CUDA events, median of repeats after warm-up; fwd + bwd",
     }
 
@@ -417,6 +513,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--feature-map", choices=FEATURE_MAPS, default="elu1",
+                        help="Prefix-Tuning+ feature map of the plus_* methods")
     return parser.parse_args(argv)
 
 
@@ -434,16 +532,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  flash-attn {meta['flash_attn']}")
     rows: list[dict[str, object]] = []
     failed_checks: list[str] = []
-    for shape in bench_shapes(args.quick, args.dtype):
+    for shape in bench_shapes(args.quick, args.dtype, args.feature_map):
         inputs = make_inputs(shape, device)
         base = {"shape": shape.label, **asdict(shape)}
         if args.check:
-            errors = check_shape(inputs, shape)
             tol = CHECK_TOLERANCE[DTYPES[shape.dtype]]
-            worst = max(v for k, v in errors.items() if k.startswith("ours_"))
-            base |= errors | {"check_tolerance": tol, "check_passed": worst <= tol}
-            print(f"check {shape.label}: ours max rel err {worst:.2e} (tol {tol:.0e})")
-            if worst > tol:
+            checks = [(check_shape, "ours")] if set(args.methods) - set(PLUS_METHODS) else []
+            checks += [(check_plus_shape, "plus_ours")] if set(args.methods) & set(PLUS_METHODS) else []
+            passed = True
+            for check, label in checks:
+                errors = check(inputs, shape)
+                worst = max(v for k, v in errors.items() if k.startswith(f"{label}_"))
+                base |= errors
+                passed = passed and worst <= tol
+                print(f"check {shape.label}: {label} max rel err {worst:.2e} (tol {tol:.0e})")
+            base |= {"check_tolerance": tol, "check_passed": passed}
+            if not passed:
                 failed_checks.append(shape.label)
         for method in args.methods:
             rows.append(base | bench_method(method, inputs, shape, args.warmup, args.repeats))

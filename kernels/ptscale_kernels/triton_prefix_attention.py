@@ -20,21 +20,11 @@ Backward (Delta = rowsum(O * dO) first, as in FlashAttention-2):
     independent of the batch size.
   * dQ: one program per query block, looping over the prefix tiles, then the sequence tiles.
 
-Prefix-Tuning+ (not implemented here)
--------------------------------------
-Prefix-Tuning+ / PrefixMemory-Tuning moves the prefix out of the softmax:
-o_i = Attn(q_i, K_seq, V_seq) + phi(q_i)^T M / (phi(q_i)^T z + eps) per head, with a trainable
-memory M (D_phi, D) and normaliser z (D_phi,) (the exact phi and normalisation are defined in
-`ptscale`). With P = 0 these kernels already compute the first term; the second term is a
-linear-attention read-out that does not interact with the softmax statistics. A fused kernel would
-load M and z once per program (they are (H, D_phi, D), batch-shared like the prefix here) and add
-phi(q) @ M / (phi(q) @ z + eps) to the accumulator *after* the softmax normalisation in the
-forward epilogue, and save nothing extra (phi(q) is recomputed). The backward gains, in the dQ
-pass, d phi(q) = dO @ M^T / den - (num . dO) z^T / den^2 chained through phi'(q), and a dM / dz
-reduction over all B * L queries of a head with exactly the split-partial scheme of the dprefix
-pass: dM = sum_i phi(q_i) (dO_i / den_i)^T and dz = -sum_i phi(q_i) (num_i . dO_i) / den_i^2.
-Until that matters for speed, the term is cheap in plain torch (a (B·H·L, D_phi) x (D_phi, D) matmul
-and a matvec per head, differentiated by autograd), next to a call of these kernels with P = 0.
+Prefix-Tuning+
+--------------
+`triton_prefix_plus.py` builds the Prefix-Tuning+ variant (prefix moved out of the softmax into a
+per-head linear-attention memory) from the sequence parts of these kernels: `_attn_fwd_sequence`,
+`_finish_rows`, `_attn_bwd_dkdv` and `_attn_bwd_dq_sequence` are shared with it.
 """
 
 from __future__ import annotations
@@ -170,6 +160,70 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _attn_fwd_sequence(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    pad_base,
+    offs_m,
+    offs_d,
+    start_m,
+    L,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # The sequence tiles of query block start_m (after its prefix tiles, if any).
+    if CAUSAL:
+        # Keys left of this query block are visible to all of its rows; only the diagonal block
+        # needs the causal mask (BLOCK_M is a multiple of BLOCK_N, so the ranges stay aligned).
+        diag = start_m * BLOCK_M
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            0, diag, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_PAD, DOT_PRECISION,
+        )  # fmt: skip
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            diag, tl.minimum(diag + BLOCK_M, L), L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, True, HAS_PAD, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        l_full = (L // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            0, l_full, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_PAD, DOT_PRECISION,
+        )  # fmt: skip
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            l_full, L, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, True, HAS_PAD, DOT_PRECISION,
+        )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i):
+    # A row that saw no key at all (only possible with P = 0) outputs zeros, like torch SDPA, and
+    # stores LSE = +inf so that the backward's exp2(S - LSE) is exactly 0 for it.
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    return acc, lse
+
+
 # ---------------------------------------------------------------------------------------------------
 # forward kernel
 # ---------------------------------------------------------------------------------------------------
@@ -229,39 +283,11 @@ def _attn_fwd(
         HEAD_DIM, BLOCK_D, BLOCK_P, False, True, False, DOT_PRECISION,
     )  # fmt: skip
 
-    # Sequence tiles.
-    if CAUSAL:
-        # Keys left of this query block are visible to all of its rows; only the diagonal block
-        # needs the causal mask (BLOCK_M is a multiple of BLOCK_N, so the ranges stay aligned).
-        diag = start_m * BLOCK_M
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            0, diag, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_PAD, DOT_PRECISION,
-        )  # fmt: skip
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            diag, tl.minimum(diag + BLOCK_M, L), L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, True, HAS_PAD, DOT_PRECISION,
-        )  # fmt: skip
-    else:
-        l_full = (L // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            0, l_full, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_PAD, DOT_PRECISION,
-        )  # fmt: skip
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            l_full, L, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, True, HAS_PAD, DOT_PRECISION,
-        )  # fmt: skip
-
-    # A row that saw no key at all (only possible with P = 0) outputs zeros, like torch SDPA, and
-    # stores LSE = +inf so that the backward's exp2(S - LSE) is exactly 0 for it.
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    acc, l_i, m_i = _attn_fwd_sequence(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, start_m, L, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_PAD, DOT_PRECISION,
+    )  # fmt: skip
+    acc, lse = _finish_rows(acc, l_i, m_i)
     tl.store(LSE + off_bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
     o_base = Out + off_b * stride_ob + off_h * stride_oh
     _store_rows(o_base, acc.to(Out.dtype.element_ty), offs_m, offs_d, stride_om, L, HEAD_DIM, BLOCK_D)
@@ -522,6 +548,58 @@ def _attn_bwd_dq_inner(
 
 
 @triton.jit
+def _attn_bwd_dq_sequence(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    pad_base,
+    offs_m,
+    offs_d,
+    start_m,
+    L,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # dQ contributions of the sequence keys for the query rows [start_m, start_m + BLOCK_M2).
+    if CAUSAL:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            0, start_m, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N2, False, False, HAS_PAD, DOT_PRECISION,
+        )  # fmt: skip
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            start_m, tl.minimum(start_m + BLOCK_M2, L), L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N2, True, True, HAS_PAD, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        l_full = (L // BLOCK_N2) * BLOCK_N2
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            0, l_full, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N2, False, False, HAS_PAD, DOT_PRECISION,
+        )  # fmt: skip
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            l_full, L, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N2, False, True, HAS_PAD, DOT_PRECISION,
+        )  # fmt: skip
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq(
     Q, K, V, PK, PV, DO, LSE, DELTA, PAD, DQ,
     stride_qb, stride_qh, stride_qm,
@@ -574,29 +652,10 @@ def _attn_bwd_dq(
         p_full, P, P, qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_P, False, True, False, DOT_PRECISION,
     )  # fmt: skip
-    if CAUSAL:
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            0, start_m, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N2, False, False, HAS_PAD, DOT_PRECISION,
-        )  # fmt: skip
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            start_m, tl.minimum(start_m + BLOCK_M2, L), L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N2, True, True, HAS_PAD, DOT_PRECISION,
-        )  # fmt: skip
-    else:
-        l_full = (L // BLOCK_N2) * BLOCK_N2
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            0, l_full, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N2, False, False, HAS_PAD, DOT_PRECISION,
-        )  # fmt: skip
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            l_full, L, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N2, False, True, HAS_PAD, DOT_PRECISION,
-        )  # fmt: skip
+    dq = _attn_bwd_dq_sequence(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, start_m, L, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, HAS_PAD, DOT_PRECISION,
+    )  # fmt: skip
     dq = dq * scale
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, dq.to(DQ.dtype.element_ty), offs_m, offs_d,
                 stride_dqm, L, HEAD_DIM, BLOCK_D)  # fmt: skip

@@ -15,8 +15,11 @@ have no position, get none).
 
 The prefix is added on every call and never enters the KV cache: the cache holds sequence keys only.
 
-Prefix-Tuning+ layers (``ptscale.prefix.plus``) run the model's own SDPA over the sequence and add the
-gated memory term.
+Prefix-Tuning+ layers (``ptscale.prefix.plus``) follow the same rule between two paths: the torch path
+(the model's own SDPA over the sequence plus ``memory_term``) and ``ptscale_kernels.prefix_plus_attention``,
+which adds the gated memory term inside the flash-attention epilogue (the small (H, D, D) memory is built by
+torch from the prefix keys/values). The kernel serves neither grouped-query attention nor q_len != kv_len,
+nor dropout or a position bias; those keep the torch path.
 """
 
 from __future__ import annotations
@@ -132,8 +135,29 @@ def _log_once(key: str, msg: str) -> None:
         log.warning(msg)
 
 
-def choose_backend(query: torch.Tensor, dropout: float) -> str:
-    """'triton' or 'reference', from PTSCALE_ATTENTION (auto|reference|triton) and the tensors."""
+@dataclass(frozen=True)
+class _Variant:
+    what: str  # the layer kind, as the log lines name it
+    kernel: str
+    fallback: str
+    fused: str
+    log_prefix: str  # keys of _log_once, so the two variants log their choice separately
+
+
+_VARIANTS = {
+    "classic": _Variant("prefix attention", "the Triton prefix kernel", "reference path (concat + SDPA)",
+                        "Triton kernel (prefix K/V read in-kernel)", ""),
+    "plus": _Variant("Prefix-Tuning+ attention", "the Triton Prefix-Tuning+ kernel", "torch path (SDPA + memory term)",
+                     "Triton kernel (memory term fused)", "plus:"),
+}
+
+
+def choose_backend(query: torch.Tensor, dropout: float, *, variant: str = "classic") -> str:
+    """'triton' or 'reference', from PTSCALE_ATTENTION (auto|reference|triton) and the tensors.
+
+    ``variant``: "classic" (``prefix_attention``) or "plus" (``prefix_plus_attention``); same rule, own log lines.
+    """
+    names = _VARIANTS[variant]
     wanted = os.environ.get("PTSCALE_ATTENTION", "auto")
     if wanted not in BACKENDS:
         raise ValueError(f"PTSCALE_ATTENTION={wanted!r}: use one of {', '.join(BACKENDS)}")
@@ -151,30 +175,66 @@ def choose_backend(query: torch.Tensor, dropout: float) -> str:
     if dropout > 0.0:
         available, why = False, f"attention dropout {dropout} (the kernel has none)"
     if wanted == "triton" and not available:
-        raise RuntimeError(f"PTSCALE_ATTENTION=triton but the Triton prefix kernel cannot run: {why}. "
+        raise RuntimeError(f"PTSCALE_ATTENTION=triton but {names.kernel} cannot run: {why}. "
                            "Unset it (auto) or set PTSCALE_ATTENTION=reference.")
     if not available:
-        _log_once(f"ref:{why}", f"prefix attention: reference path (concat + SDPA); kernel unused: {why}")
+        _log_once(f"{names.log_prefix}ref:{why}", f"{names.what}: {names.fallback}; kernel unused: {why}")
         return "reference"
-    _log_once("triton", "prefix attention: Triton kernel (prefix K/V read in-kernel)")
+    _log_once(f"{names.log_prefix}triton", f"{names.what}: {names.fused}")
     return "triton"
+
+
+def _key_padding(query: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """(B, L) key padding from a (B|1, 1, L, L) sequence mask that is causal and/or padding only."""
+    if mask is None:
+        return None
+    # The last query row of a causal mask (bottom-right aligned) sees every unpadded key.
+    key_padding = mask[:, 0, -1, :] if causal else mask[:, 0, 0, :]
+    return key_padding.expand(query.shape[0], -1)
 
 
 def _kernel_call(module, query, key, value, pk, pv, mask, scaling, *, causal: bool | None = None) -> torch.Tensor:
     from ptscale_kernels import prefix_attention
 
     causal = bool(getattr(module, "is_causal", False)) if causal is None else causal
-    key_padding = None
-    if mask is not None:
-        # The last query row of a causal mask (bottom-right aligned) sees every unpadded key.
-        key_padding = mask[:, 0, -1, :] if causal else mask[:, 0, 0, :]
-        key_padding = key_padding.expand(query.shape[0], -1)
+    key_padding = _key_padding(query, mask, causal)
     if causal and query.shape[2] != key.shape[2]:
         raise RuntimeError("Triton prefix kernel: causal attention with q_len != kv_len (KV cache) is not "
                            "supported; generation uses the reference path (PTSCALE_ATTENTION=reference)")
     pk, pv = pk.to(query.dtype), pv.to(query.dtype)  # fp32 prefix parameters under a bf16 model
     return prefix_attention(query, key, value, pk, pv, key_padding_mask=key_padding,
                             causal=causal and query.shape[2] > 1, scale=scaling)
+
+
+def _plus_kernel_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: PlusLayer,
+                      mask: torch.Tensor | None, scaling: float, causal: bool) -> torch.Tensor:
+    from ptscale_kernels import plus_memory, prefix_plus_attention
+
+    # The (H, D, D) memory and (H, D) normaliser are built by torch (fp32, autograd): tiny and batch-free.
+    memory, norm = plus_memory(prefix.keys, prefix.values, prefix.feature_map)
+    return prefix_plus_attention(query, key, value, memory, norm, prefix.gate.float(),
+                                 feature_map=prefix.feature_map, key_padding_mask=_key_padding(query, mask, causal),
+                                 causal=causal and query.shape[2] > 1, scale=scaling)
+
+
+def _plus_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, prefix: PlusLayer, scaling: float, dropout: float,
+                  kwargs: dict) -> torch.Tensor:
+    """A Prefix-Tuning+ layer: (B, L, H, D) = SDPA over the sequence + the gated memory term."""
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else bool(causal)
+    outside_kernel = ("q_len != kv_len (decoding with a KV cache)" if query.shape[2] != key.shape[2]
+                      else "grouped-query attention" if query.shape[1] != key.shape[1]
+                      else "an additive position bias" if kwargs.get("position_bias") is not None else None)
+    if outside_kernel is None and choose_backend(query, dropout, variant="plus") == "triton":
+        mask = sequence_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, causal=causal)
+        return _plus_kernel_call(query, key, value, prefix, mask, scaling, causal).transpose(1, 2).contiguous()
+    if outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
+        _log_once(f"plus:outside:{outside_kernel}", f"Prefix-Tuning+ attention: torch path for {outside_kernel} "
+                                                   "(the Triton kernel does not cover it)")
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                    dropout=dropout, **kwargs)
+    return out + memory_term(query, prefix, scaling).transpose(1, 2)
 
 
 def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -192,9 +252,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if isinstance(prefix, PlusLayer):  # Prefix-Tuning+: the model's own attention plus the gated memory
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                        dropout=dropout, **kwargs)
-        return out + memory_term(query, prefix, scaling).transpose(1, 2), None
+        return _plus_forward(module, query, key, value, attention_mask, prefix, scaling, dropout, kwargs), None
     pk, pv = prefix
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else bool(causal)
