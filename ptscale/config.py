@@ -31,7 +31,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Frozen base weights stored in 4 bits (nf4 / fp4, QLoRA-style: double quantisation, packed in the model
     # dtype so ZeRO-3 can shard them) or 8 bits (int8), through bitsandbytes; for prefix / LoRA / adapter
-    # stages. Needs a checkpoint (model.path or the embedded default).
+    # stages. Needs a checkpoint (model.path or the embedded default); int8 is not sharded by ZeRO-3 (zero2 only).
     quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
 
 
@@ -368,11 +368,27 @@ def validate(cfg: RunConfig) -> None:
             raise RecipeError(f"{key}.epochs: must be > 0 (or set steps)")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             raise RecipeError(f"{key}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
+    _validate_quantization(cfg)
     _validate_data(cfg.data)
     if cfg.eval.num_beams < 1:
         raise RecipeError(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise RecipeError("eval.min_new_tokens: larger than eval.max_new_tokens")
+
+
+def _validate_quantization(cfg: RunConfig) -> None:
+    from ptscale.models.presets import uses_random_weights
+
+    q = cfg.model.quantization
+    if q == "none":
+        return
+    if uses_random_weights(cfg.model):
+        raise RecipeError(f"model.quantization={q}: preset {cfg.model.preset} without model.path has random weights, "
+                          "nothing to quantise; set model.path, or use the embedded default with pretrain_steps > 0")
+    if cfg.adapter is not None and (towers := set(cfg.adapter.components) & {"vision", "language_model"}):
+        raise RecipeError(f"adapter.components: {', '.join(sorted(towers))} are quantised (model.quantization={q}) "
+                          "and adapters wrap full-precision Linear layers; use adapter.components: [qformer], "
+                          "LoRA (which supports quantised layers), or model.quantization: none")
 
 
 _DATA_FILES = {

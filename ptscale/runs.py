@@ -16,6 +16,7 @@ from ptscale.config import RunConfig, load_recipe
 from ptscale.data.collate import CaptionCollator
 from ptscale.models.backbone import Backbone, default_backbone_dir, is_complete, load_backbone
 from ptscale.models.build import build_model
+from ptscale.models.presets import uses_random_weights
 from ptscale.prefix.model import PrefixTunedModel
 
 
@@ -40,6 +41,10 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_
     if not found:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run killed before "
                                 "its first save?)")
+    if uses_random_weights(cfg.model):
+        raise ValueError(f"{run_dir}: the run trained on random weights (preset {cfg.model.preset}, no model.path); "
+                         "they were never saved, so there is no base to reload. Train with model.path to evaluate "
+                         "or export")
     backbone_dir = cfg.model.path or default_backbone_dir(cfg.model)
     if not cfg.model.path and not is_complete(Path(backbone_dir)):
         raise FileNotFoundError(f"the default backbone this run used ({backbone_dir}) is not in the cache; "

@@ -136,6 +136,17 @@ def quantization_config(quantization: str, dtype: str):
                               bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_quant_storage=DTYPES[dtype])
 
 
+def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight in place on its first CPU eval forward where the CPU has AVX512-BF16
+    (and flags its quant_state). Under ZeRO-3 that repack lands in a temporary gathered copy while the flag
+    stays, so every later gather would be read in the wrong layout: keep the portable layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none") -> Backbone:
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -148,6 +159,8 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quant,
                                                               device_map={"": device})
+        if device == "cpu":
+            _keep_cpu_4bit_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     if getattr(model.config, "image_token_id", None) is None:

@@ -47,6 +47,11 @@ PRESETS: dict[str, dict] = {
 PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt",)
 
 
+def uses_random_weights(model_cfg) -> bool:
+    """No checkpoint and no embedded pre-training (a geometry preset, or ``pretrain_steps: 0``)."""
+    return model_cfg.path is None and (model_cfg.preset not in PRETRAINABLE or model_cfg.pretrain_steps == 0)
+
+
 def blip2_config(preset: str, *, vocab_size: int | None = None, pad: int = 1, bos: int = 2, eos: int = 2,
                  image_token: int | None = None) -> Blip2Config:
     if preset not in PRESETS:

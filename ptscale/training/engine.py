@@ -24,6 +24,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
@@ -47,7 +48,7 @@ def init_distributed() -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
     deepspeed.init_distributed(dist_backend=None)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if not torch.cuda.is_available():
+    if get_accelerator().device_name() == "cpu":
         unlink_shm_segment(info.rank)
         if "OMP_NUM_THREADS" not in os.environ:
             # CPU ranks on one host share its cores; oversubscribed OpenMP threads spin and crawl.
@@ -61,9 +62,7 @@ def unlink_shm_segment(rank: int) -> None:
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> per rank and never unlinks it, so every
     launch would leak RAM-backed tmpfs. Each rank maps every segment inside init_distributed; after the
     barrier that is true everywhere, and unlinking keeps the mappings while the memory goes back at exit."""
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if addr is None or port is None:
-        return
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")  # as shm.cpp names it
     barrier()
     Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 

@@ -40,7 +40,7 @@ from ptscale.models.backbone import Backbone, ensure_default_backbone, load_back
 from ptscale.models.build import build_model
 from ptscale.models.feature_cache import VisionFeatureCache, fingerprint
 from ptscale.models.groups import group_of, group_sizes, set_trainable
-from ptscale.models.presets import PRETRAINABLE
+from ptscale.models.presets import uses_random_weights
 from ptscale.models.scale import (
     build_random_backbone,
     build_sharded_backbone,
@@ -102,15 +102,17 @@ def load_run_backbone(cfg: RunConfig, ds_template: dict, dist: ds.DistInfo) -> B
     default is small and loads whole (ZeRO-3 partitions it at the first engine), and so does a quantised
     base (bitsandbytes quantises while loading, which zero.Init cannot)."""
     m = cfg.model
-    random_weights = m.path is None and (m.preset not in PRETRAINABLE or m.pretrain_steps == 0)
+    zero3 = ds.zero_stage(ds_template) == 3
+    if m.quantization == "int8" and zero3:
+        raise RecipeError("model.quantization=int8 under ZeRO-3: bitsandbytes keeps each int8 matrix whole on every "
+                          "rank beside its shard (Int8Params.CB), so ZeRO-3 would save nothing; use nf4 / fp4, or "
+                          "--ds ds_configs/zero2.json")
+    random_weights = uses_random_weights(m)
     if random_weights:
-        if m.quantization != "none":
-            raise RecipeError(f"model.quantization={m.quantization} needs weights to quantise: set model.path, "
-                              "or use the embedded default (tiny-blip2-opt with pretrain_steps > 0)")
         if dist.is_main:
             log.warning("model.preset=%s without model.path: RANDOM weights (geometry, memory and throughput "
                         "checks; point model.path at a checkpoint to train for real)", m.preset)
-    if ds.zero_stage(ds_template) != 3 or m.quantization != "none" or (m.path is None and not random_weights):
+    if not zero3 or m.quantization != "none" or (m.path is None and not random_weights):
         if random_weights:
             return build_random_backbone(m.preset, m.dtype)
         path = m.path or ensure_default_backbone(m, rank=dist.rank, barrier=ds.barrier)

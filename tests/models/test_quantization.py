@@ -28,7 +28,8 @@ def _batch(model, tok):
     cfg = model.config
     ids = torch.tensor([[cfg.image_token_id] * cfg.num_query_tokens + tok("a red circle")["input_ids"]])
     pixels = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
-    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return {k: v.to(model.device) for k, v in batch.items()}  # bitsandbytes loads onto the GPU where there is one
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4"])
@@ -92,3 +93,34 @@ def test_set_trainable_never_marks_a_quantised_weight(saved):
     model = PrefixTunedModel(load_backbone(saved, "fp32", "nf4").model, load_recipe().prefix)
     with pytest.raises(ValueError, match="stored quantized"):
         set_trainable(model, ["vision"])
+
+
+def test_cpu_4bit_layers_keep_the_portable_layout(saved):
+    """An in-place AVX512-BF16 repack at eval time would land in ZeRO-3's temporary gathered copy."""
+    model = load_backbone(saved, "fp32", "nf4").model
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+def test_quantised_base_refusals_name_the_fix():
+    with pytest.raises(RecipeError, match="random weights, nothing to quantise; set model.path"):
+        load_recipe(None, ["model.quantization=nf4", "model.pretrain_steps=0"])
+    with pytest.raises(RecipeError, match=r"adapter.components: language_model are quantised.*\[qformer\]"):
+        load_recipe(None, ["model.quantization=nf4", "plan=prefix->adapter", "methods.adapter={steps: 1, lr: 1.0e-3}",
+                           "adapter={kind: parallel, components: [qformer, language_model], bottleneck: 4}"])
+    load_recipe(None, ["model.quantization=nf4", "plan=prefix->adapter", "methods.adapter={steps: 1, lr: 1.0e-3}",
+                       "adapter={kind: parallel, components: [qformer], bottleneck: 4}"])
+
+
+def test_int8_under_zero3_is_refused_before_training(tmp_path):
+    """bitsandbytes keeps every int8 matrix whole beside its ZeRO-3 shard: no memory would be saved."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "launchers/train.py", "--ds", "ds_configs/zero3.json",
+                           f"output_dir={tmp_path}", "model.quantization=int8"],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.quantization=int8 under ZeRO-3" in proc.stderr and "zero2.json" in proc.stderr
+    assert "Traceback" not in proc.stderr

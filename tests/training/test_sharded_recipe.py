@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from ptscale.checkpoint import list_checkpoints
 from ptscale.models.pretrain import new_tiny_model, tiny_processor
+from ptscale.runs import load_run
 from ptscale.tools.kill_resume import max_diff
 from tests.training.test_end_to_end import _changed, _launch
 
@@ -71,3 +72,5 @@ def test_random_weights_preset_trains_built_sharded_only_under_zero3(tmp_path, d
     assert "RANDOM weights" in proc.stderr
     assert ("built tiny-blip2-opt under zero.Init" in proc.stdout) == built_sharded
     assert (tmp_path / "r" / "stage-1-prefix" / "trainable.safetensors").is_file()
+    with pytest.raises(ValueError, match="random weights .* never saved"):  # eval / export cannot rebuild them
+        load_run(tmp_path / "r")
