@@ -310,6 +310,13 @@ def _max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.float() - want).abs().max().item() / max(1.0, want.abs().max().item())
 
 
+def _errors(run, reference, methods: dict, names: tuple[str, ...], dtype: torch.dtype) -> dict[str, float]:
+    """``{method}_err_{output or gradient}``: each method at ``dtype`` against ``reference`` run in fp32."""
+    want = run(reference, torch.float32)
+    return {f"{label}_err_{name}": _max_rel_error(got, ref)
+            for label, fn in methods.items() for name, got, ref in zip(names, run(fn, dtype), want, strict=True)}
+
+
 def check_shape(inputs: Inputs, shape: BenchShape) -> dict[str, float]:
     """Max relative error of ours and of the PEFT way, output and all gradients, vs an fp32 reference."""
     names = ("o", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
@@ -321,13 +328,8 @@ def check_shape(inputs: Inputs, shape: BenchShape) -> dict[str, float]:
         out.backward(inputs.grad_out.to(dtype))
         return [out.detach(), *(t.grad for t in leaves)]
 
-    want = run(prefix_attention_reference, torch.float32)
-    dtype = DTYPES[shape.dtype]
-    errors = {}
-    for label, fn in (("ours", prefix_attention), ("peft", prefix_attention_reference)):
-        for name, got, ref in zip(names, run(fn, dtype), want, strict=True):
-            errors[f"{label}_err_{name}"] = _max_rel_error(got, ref)
-    return errors
+    return _errors(run, prefix_attention_reference, {"ours": prefix_attention, "peft": prefix_attention_reference},
+                   names, DTYPES[shape.dtype])
 
 
 def check_plus_shape(inputs: Inputs, shape: BenchShape) -> dict[str, float]:
@@ -343,13 +345,7 @@ def check_plus_shape(inputs: Inputs, shape: BenchShape) -> dict[str, float]:
         out.backward(inputs.grad_out.to(dtype))
         return [out.detach(), *(t.grad for t in leaves)]
 
-    want = run(plus_torch, torch.float32)
-    dtype = DTYPES[shape.dtype]
-    errors = {}
-    for label, fn in (("plus_ours", plus_ours), ("plus_torch", plus_torch)):
-        for name, got, ref in zip(names, run(fn, dtype), want, strict=True):
-            errors[f"{label}_err_{name}"] = _max_rel_error(got, ref)
-    return errors
+    return _errors(run, plus_torch, {"plus_ours": plus_ours, "plus_torch": plus_torch}, names, DTYPES[shape.dtype])
 
 
 def method_flops(method: str, shape: BenchShape) -> dict[str, float]:

@@ -112,7 +112,8 @@ def load_run_backbone(cfg: RunConfig, ds_template: dict, dist: ds.DistInfo) -> B
         if dist.is_main:
             log.warning("model.preset=%s without model.path: RANDOM weights (geometry, memory and throughput "
                         "checks; point model.path at a checkpoint to train for real)", m.preset)
-    if not zero3 or m.quantization != "none" or (m.path is None and not random_weights):
+    partitioned = zero3 and m.quantization == "none" and (m.path is not None or random_weights)
+    if not partitioned:
         if random_weights:
             return build_random_backbone(m.preset, m.dtype)
         path = m.path or ensure_default_backbone(m, rank=dist.rank, barrier=ds.barrier)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import ptscale_kernels.triton_prefix_attention as _tpa  # noqa: E402
+import ptscale_kernels.triton_prefix_plus as _tpp  # noqa: E402
 import triton  # noqa: E402  (must follow the environment variable)
 import triton.language.standard as _tl_standard  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -42,3 +44,26 @@ else:
 @pytest.fixture(autouse=True)
 def _triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every kernel output buffer (of both kernel modules) start as NaN, so an unwritten element fails."""
+
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    def empty_like(*args, **kwargs):
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+    for module in (_tpa, _tpp):
+        monkeypatch.setattr(module, "_empty", empty)
+        monkeypatch.setattr(module, "_empty_like", empty_like)

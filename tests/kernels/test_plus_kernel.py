@@ -30,36 +30,12 @@ from ptscale_kernels import (
     prefix_attention_reference,
     prefix_plus_attention,
 )
-from ptscale_kernels import triton_prefix_attention as tpa
 from ptscale_kernels import triton_prefix_plus as tpp
 from triton.runtime.interpreter import InterpretedFunction
 
 import ptscale.prefix.attention as attention
 from ptscale.prefix.attention import PrefixSlot, PrefixStore, attach, prefix_attention_forward
 from ptscale.prefix.plus import PlusLayer, PlusState, memory_term
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Make every kernel output buffer (of both kernel modules) start as NaN."""
-
-    def empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
-
-    def empty_like(*args, **kwargs):
-        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
-
-    for module in (tpa, tpp):
-        monkeypatch.setattr(module, "_empty", empty)
-        monkeypatch.setattr(module, "_empty_like", empty_like)
 
 
 @dataclass(frozen=True)

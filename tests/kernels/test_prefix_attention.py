@@ -34,28 +34,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Make every kernel output buffer start as NaN."""
-
-    def empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
-
-    def empty_like(*args, **kwargs):
-        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
-
-    monkeypatch.setattr(tpa, "_empty", empty)
-    monkeypatch.setattr(tpa, "_empty_like", empty_like)
-
-
 @dataclass(frozen=True)
 class Case:
     batch: int
