@@ -33,6 +33,7 @@ class Progress:
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
     samples: int = 0
     nonfinite_skipped: int = 0
+    global_step: int = 0  # optimizer steps since the run began, across stages (one timeline)
     world_size: int = 1
     scheduler: dict | None = None
     optimizer_step: int = 0
@@ -142,3 +143,23 @@ def read_checkpoint(path: Path) -> tuple[Progress, dict[str, torch.Tensor], dict
     except (OSError, ValueError, TypeError) as e:
         raise RuntimeError(f"checkpoint {path} cannot be read ({e}); delete it to resume from an older one") from e
     return progress, tuned, optimizer
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor] | None) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity (None: all finite)."""
+    for name, t in (tensors or {}).items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def newest_sound_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint whose files read back and whose tensors are all finite."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            _, tuned, optimizer = read_checkpoint(path)
+        except RuntimeError:
+            continue
+        if first_nonfinite(tuned) is None and first_nonfinite(optimizer) is None:
+            return path
+    return None

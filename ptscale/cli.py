@@ -1,42 +1,128 @@
-"""``ptscale``: train (the same entry as launchers/train.py), score saved predictions, evaluate a saved run
-(``eval``), analyse its representation spectra (``analyze``) and tabulate runs (``report``)."""
+"""``ptscale``: train (the same entry as launchers/train.py), print a resolved recipe (``config``), score saved
+predictions, evaluate a saved run (``eval``), analyse its representation spectra (``analyze``), tabulate runs
+(``report``) and export weights (``export``).
+
+A user's mistake is one line and an exit code, never a traceback (``--debug`` shows it): 2 for a recipe, an
+option or a directory, 3 for unreadable data or files, 1 when training stopped itself (non-finite values),
+128 + the signal for an interrupt. The recipe is read and validated before torch is imported.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+import yaml
+
 DEFAULT_DS = Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"
+log = logging.getLogger("ptscale")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="recipe YAML (default: the embedded PT-LoRA recipe)")
     p.add_argument("--ds", default=str(DEFAULT_DS), help="DeepSpeed JSON; 'auto' values come from the recipe")
-    p.add_argument("--resume", default=None, metavar="auto|CKPT_DIR",
-                   help="continue from the newest complete checkpoint (auto) or a given one")
+    p.add_argument("--resume", default=None, metavar="auto|RUN_DIR|CKPT_DIR",
+                   help="continue a run from its newest complete checkpoint (auto: the named run_name, or the newest "
+                        "run under output_dir) or from a given run or checkpoint directory; the run's saved recipe "
+                        "is used, and overrides may change only eval/checkpoint/logging settings")
+    p.add_argument("--print-config", action="store_true", help="print the fully resolved recipe and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything (recipe, DeepSpeed config, backbone, data, the model on the meta device) "
+                        "and exit without training or writing a run directory")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. stages.0.lr=1e-3")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. methods.lora.lr=1e-4")
+
+
+def _peek(recipe: str | None, overrides: list[str], key: str, default: str | None) -> str | None:
+    """A top-level value (output_dir, run_name) from the overrides or the recipe file, before validation: a
+    resume finds its run directory first and then validates against the recipe saved there."""
+    for item in reversed(overrides):
+        if item.startswith(f"{key}="):
+            return item.split("=", 1)[1] or None
+    if recipe and Path(recipe).is_file():
+        try:
+            raw = yaml.safe_load(Path(recipe).read_text())
+        except yaml.YAMLError:
+            raw = None
+        if isinstance(raw, dict) and key in raw:
+            return raw[key]
+    return default
+
+
+def resolve_train_config(args: argparse.Namespace):
+    """(recipe, resume): the command's recipe, or on --resume the run's saved one with allowed overrides."""
+    from ptscale.config import load_recipe
+    from ptscale.rundir import check_run_name_free, find_resume, resumed_recipe
+
+    if not args.resume:
+        cfg = load_recipe(args.recipe, args.overrides)
+        check_run_name_free(cfg)
+        return cfg, None
+    output_dir = _peek(args.recipe, args.overrides, "output_dir", "runs")
+    run_name = _peek(args.recipe, args.overrides, "run_name", None)
+    resume = find_resume(args.resume, output_dir, run_name)
+    if resume is None:
+        where = f"{output_dir}/{run_name}" if run_name else f"any run under {output_dir}"
+        print(f"ptscale: --resume auto: no complete checkpoint in {where}; starting a fresh run", file=sys.stderr)
+        return load_recipe(args.recipe, args.overrides), None
+    return resumed_recipe(resume.run_dir, args.recipe, args.overrides), resume
+
+
+def launch_command(args: argparse.Namespace) -> str:
+    """How this run was started, as far as a rank can tell: the resume hint repeats it."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)}"
+    elif "LOCAL_SIZE" in os.environ:  # set by DeepSpeed's launcher
+        launcher = f"deepspeed --num_gpus {os.environ['LOCAL_SIZE']}"
+    else:
+        launcher = "python"
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else "-m ptscale.cli train"
+    return f"{launcher} {script} --ds {args.ds}"
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ptscale.config import load_recipe
-    from ptscale.training.engine import load_ds_template
+    from ptscale.config import dump_recipe
+
+    cfg, resume = resolve_train_config(args)  # validated before any heavy import
+    if args.print_config:
+        print(dump_recipe(cfg), end="")
+        return 0
+    from ptscale.training import engine as ds
+
+    ds_template = ds.load_ds_template(args.ds)
+    ds.check_against_recipe(ds_template, cfg.stages, cfg.model.dtype, int(os.environ.get("WORLD_SIZE", "1")),
+                            f"--ds {args.ds}")
     from ptscale.training.recipe import PTPEFTRecipe
 
-    cfg = load_recipe(args.recipe, args.overrides)  # validated before any model is built
-    ds_template = load_ds_template(args.ds)
-    recipe = PTPEFTRecipe(cfg, ds_template, resume=args.resume)
+    recipe = PTPEFTRecipe(cfg, ds_template, resume=resume, command=launch_command(args))
+    if args.dry_run:
+        recipe.prepare(build_backbone=False)
+        if recipe.dist.is_main:
+            print(recipe.summary(dry_run=True))
+        return 0
     recipe.setup()
     recipe.train()
     recipe.cleanup()
     return 0
 
 
-def setup_logging() -> None:
-    import os
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None, help="recipe YAML (default: the embedded PT-LoRA recipe)")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
 
+
+def run_config(args: argparse.Namespace) -> int:
+    from ptscale.config import dump_recipe, load_recipe
+
+    print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def setup_logging() -> None:
     quiet = int(os.environ.get("RANK", "0")) != 0
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
@@ -44,42 +130,130 @@ def setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ptscale.config import RecipeError
-    from ptscale.data.bad_data import BadDataError, EmptySplitError
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
-    parser = argparse.ArgumentParser(prog="ptscale")
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def _one_line(kind: str, error: BaseException, everywhere: bool) -> None:
+    """``everywhere``: errors that may differ between ranks (a file one rank reads) are printed by every rank,
+    with its number; a recipe error is the same on every rank and printed once."""
+    text = " ".join(str(error).split("\n")[0:1]) or type(error).__name__
+    if everywhere and os.environ.get("WORLD_SIZE", "1") != "1":
+        print(f"ptscale [rank {os.environ.get('RANK', '0')}]: {kind}: {text}", file=sys.stderr)
+    elif _is_main_rank():
+        print(f"ptscale: {kind}: {text}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ptscale import __version__
+
+    parser = argparse.ArgumentParser(prog="ptscale", description="Prefix-tuned PEFT (PT-PEFT) under DeepSpeed ZeRO-3")
+    parser.add_argument("--version", action="version", version=f"ptscale {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command")
     add_train_args(sub.add_parser("train", help="run a PT-PEFT recipe"))
-    from ptscale.eval.score_cli import add_score_subparser, run_score
+    add_config_args(sub.add_parser("config", help="print the fully resolved recipe"))
+    from ptscale.eval.score_cli import add_score_subparser
 
     add_score_subparser(sub)
-    from ptscale.analysis.analyze import add_analyze_args, run_analyze_command
-    from ptscale.eval.run_eval import add_eval_args, run_eval_command
-    from ptscale.report import add_report_args, run_report_command
+    from ptscale.analysis.analyze import add_analyze_args
+    from ptscale.eval.run_eval import add_eval_args
+    from ptscale.export_cli import add_export_args
+    from ptscale.report import add_report_args
 
     add_eval_args(sub.add_parser("eval", help="caption a saved run's eval split and score it"))
     add_analyze_args(sub.add_parser("analyze", help="singular-value spectra and effective rank (paper 2.3)"))
-    add_report_args(sub.add_parser("report", help="markdown table of runs (paper table 2)"))
-    from ptscale.export_cli import add_export_args, run_export_command
-
+    add_report_args(sub.add_parser("report", help="table of runs (paper table 2)"))
     add_export_args(sub.add_parser("export", help="trained weights, PEFT-format LoRA, merged model"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return run_train(args)
+    if args.command == "config":
+        return run_config(args)
+    if args.command == "eval":
+        from ptscale.eval.run_eval import run_eval_command
+
+        return run_eval_command(args)
+    if args.command == "analyze":
+        from ptscale.analysis.analyze import run_analyze_command
+
+        return run_analyze_command(args)
+    if args.command == "report":
+        from ptscale.report import run_report_command
+
+        return run_report_command(args)
+    if args.command == "export":
+        from ptscale.export_cli import run_export_command
+
+        return run_export_command(args)
+    from ptscale.eval.score_cli import run_score
+
+    return run_score(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["train"] or argv[:1] == ["config"]:
+        # parsed with their own small parser: no heavy import before the recipe is read
+        parser = argparse.ArgumentParser(prog=f"ptscale {argv[0]}")
+        (add_train_args if argv[0] == "train" else add_config_args)(parser)
+        args = parser.parse_args(argv[1:])
+        args.command = argv[0]
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
     setup_logging()
-    commands = {"eval": run_eval_command, "analyze": run_analyze_command, "report": run_report_command,
-                "export": run_export_command}
+    return run_guarded(lambda: _dispatch(args), debug)
+
+
+# (module, class name) -> exit code, kind of message, printed by every rank. Looked up in sys.modules: an
+# exception of a class whose module was never imported cannot have been raised, so nothing heavy is imported.
+_ERRORS = (
+    ("ptscale.errors", "RecipeError", 2, "error", False),
+    ("ptscale.errors", "DataError", 3, "data error", True),
+    ("ptscale.data.bad_data", "BadDataError", 3, "data error", True),
+    ("ptscale.data.bad_data", "EmptySplitError", 3, "data error", True),
+    ("ptscale.checkpoint", "CheckpointError", 3, "checkpoint error", True),
+    ("ptscale.errors", "TrainingStopped", 1, "training stopped", False),
+)
+
+
+def _classify(error: BaseException) -> tuple[int, str, bool] | None:
+    from ptscale.errors import RunInterrupted
+
+    if isinstance(error, RunInterrupted):
+        return 128 + error.signum, "interrupted", False
+    for module, name, code, kind, everywhere in _ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return code, kind, everywhere
+    return None
+
+
+def run_guarded(fn, debug: bool = False) -> int:
+    """Run a command, turning the errors a user can cause into one line and an exit code."""
     try:
-        if args.command == "train":
-            return run_train(args)
-        if args.command in commands:
-            return commands[args.command](args)
-        return run_score(args)
-    except RecipeError as e:
-        print(f"ptscale: recipe error: {e}", file=sys.stderr)
-        return 2
-    except (BadDataError, EmptySplitError) as e:
-        print(f"ptscale: data error: {e}", file=sys.stderr)
-        return 3
+        return fn()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _one_line("interrupted", RuntimeError("stopped by SIGINT before training started"), everywhere=False)
+        return 130
+    except Exception as e:
+        known = _classify(e)
+        if known is None or debug:
+            raise
+        code, kind, everywhere = known
+        _one_line(kind, e, everywhere)
+        return code
 
 
 if __name__ == "__main__":

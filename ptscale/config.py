@@ -1,13 +1,15 @@
-"""Run recipes: typed, validated, no logic.
+"""Run recipes: typed dataclasses, their defaults, and validation across keys.
 
-A recipe is YAML (or the embedded default) plus ``key=value`` overrides. Every key is checked against
-these dataclasses before any model is built: unknown keys, wrong types and impossible combinations
-raise :class:`RecipeError` naming the dotted key.
+A recipe is YAML plus ``key=value`` overrides laid over the defaults below: the dataclass defaults are the
+only defaults (the embedded default recipe only names a plan). Every key is checked before any model is
+built: unknown keys, wrong types, impossible combinations and keys the plan would ignore raise
+:class:`RecipeError` naming the dotted key and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,16 +19,19 @@ from typing import Any, Literal
 
 import yaml
 
+from ptscale.errors import RecipeError
+from ptscale.plans import METHODS, MethodConfig, StageConfig, expand_plan, plan_methods
 
-class RecipeError(ValueError):
-    """A recipe is invalid; the message names the key and the fix."""
+__all__ = ["RecipeError", "RunConfig", "StageConfig", "MethodConfig", "load_recipe", "to_dict", "validate"]
+
+log = logging.getLogger("ptscale")
 
 
 @dataclass
 class ModelConfig:
     preset: str = "tiny-blip2-opt"  # a named architecture (see ptscale.models.presets)
     path: str | None = None  # local HF checkpoint directory; overrides the preset's weights
-    pretrain_steps: int = 1200  # for the embedded default backbone (pre-trained once, cached); 0: random weights
+    pretrain_steps: int = 1500  # for the embedded default backbone (pre-trained once, cached); 0: random weights
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     # Frozen base weights stored in 4 bits (nf4 / fp4, QLoRA-style: double quantisation, packed in the model
@@ -47,7 +52,9 @@ class PrefixConfig:
     # mlp: Linear-Tanh-Linear re-parameterisation (paper fig. 6); linear: one linear projection (table 10
     # "w/o MLP"); none: raw per-layer key/value parameters (table 10 "w/o encoder")
     encoder: Literal["mlp", "linear", "none"] = "mlp"
-    encoder_hidden: int = 512  # width of the MLP re-parameterisation
+    # width of the MLP re-parameterisation; 64 suits the tiny default model (Li & Liang used 512 for GPT-2
+    # medium: set it for a real model)
+    encoder_hidden: int = 64
     type_embedding: bool = True  # the paper's prefix type embedding (appendix B.1, fig. 6; table 10 ablation)
     init_std: float = 0.02
     feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # kind=plus only: phi of the memory term
@@ -114,21 +121,6 @@ class AdapterConfig:
 
 
 @dataclass
-class StageConfig:
-    name: str = ""
-    train: list[str] = field(default_factory=list)  # parameter groups that train in this stage
-    epochs: float = 1.0
-    steps: int | None = None  # overrides epochs when set (optimizer steps)
-    lr: float = 1e-3
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.01
-    batch_size: int = 16  # micro-batch per rank
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    evaluate: bool = True  # evaluate at the end of this stage
-
-
-@dataclass
 class DataConfig:
     name: Literal["synthetic", "coco", "flickr30k", "vqav2"] = "synthetic"
     task: str = "downstream"  # synthetic: "pretrain" (broad) or "downstream" (the adaptation task)
@@ -174,6 +166,21 @@ class FeatureCacheConfig:
     directory: str | None = None  # also keep them on disk (reused by later runs); None = memory only
 
 
+def _method(**kw: Any) -> Any:
+    return field(default_factory=lambda: MethodConfig(**kw))
+
+
+@dataclass
+class MethodsConfig:
+    """Per-method stage hyper-parameters for a named plan (the rows of the paper's tables 12-14, scaled to the
+    tiny default model)."""
+
+    prefix: MethodConfig = _method(epochs=3.0, lr=5e-3, warmup_ratio=0.05)
+    lora: MethodConfig = _method(epochs=2.0, lr=1e-3, warmup_ratio=0.05)
+    adapter: MethodConfig = _method(epochs=2.0, lr=1e-3, warmup_ratio=0.05)
+    full: MethodConfig = _method(epochs=2.0, lr=1e-4, warmup_ratio=0.05)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -182,11 +189,11 @@ class RunConfig:
     adapter: AdapterConfig | None = None  # S-Adapter / P-Adapter for stages that train "adapter"
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    stages: list[StageConfig] = field(default_factory=list)
-    # A named stage plan (see ptscale.plans) instead of an explicit stage list, e.g. "prefix->lora";
-    # its stages take their hyper-parameters from `methods` (the per-method rows of tables 12-14).
+    # A named stage plan (see ptscale.plans), e.g. "prefix->lora"; its stages take their hyper-parameters from
+    # `methods`. Or explicit `stages` instead (then no plan and no methods).
     plan: str | None = None
-    methods: dict[str, StageConfig] = field(default_factory=dict)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    stages: list[StageConfig] = field(default_factory=list)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     max_nonfinite_in_row: int = 5  # consecutive skipped non-finite losses before the run stops
@@ -200,52 +207,96 @@ class RunConfig:
 DEFAULT_RECIPE = "default.yaml"
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a recipe (the embedded default when ``path`` is None), apply overrides, validate."""
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                user_file: bool = True) -> RunConfig:
+    """Load a recipe (the embedded default when ``path`` is None), apply overrides, validate.
+
+    ``user_file``: the file is the user's own (its keys count as set explicitly, so a key the plan would
+    ignore is an error); False for a run directory's saved recipe, which holds every key."""
     if path is None:
         text = resources.files("ptscale.recipes").joinpath(DEFAULT_RECIPE).read_text()
-        source = f"<embedded {DEFAULT_RECIPE}>"
+        source, explicit_file = f"<embedded {DEFAULT_RECIPE}>", False
     else:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
-        text, source = path.read_text(), str(path)
-    raw = yaml.safe_load(text) or {}
+        text, source, explicit_file = path.read_text(), str(path), user_file
+    raw = _parse_yaml(text, source) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    explicit = set(_dotted_keys(raw)) if explicit_file else set()
+    if "stages" in raw and "plan" not in raw and raw.get("stages"):
+        raw["plan"] = None  # explicit stages replace the plan
     for item in overrides or []:
-        _apply_override(raw, item)
-    cfg = _build(RunConfig, raw, "")
+        key = _apply_override(raw, item)
+        explicit.add(key)
+        if key == "stages" or key.startswith("stages."):
+            raw.setdefault("plan", None)
+    cfg = _build(RunConfig, raw, "", RunConfig())
     if cfg.plan is not None:
-        from ptscale.plans import expand_plan
-
         if cfg.stages:
             raise RecipeError("plan and stages: give one of them (a named plan expands into stages)")
         cfg.stages = expand_plan(cfg.plan, cfg.methods)
-    validate(cfg)
+    validate(cfg, explicit)
     return cfg
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{source}:{where}: YAML syntax error ({problem}); fix the file's indentation or "
+                          "quoting") from None
+
+
+def _dotted_keys(raw: Any, prefix: str = "") -> list[str]:
+    """Every key path in a parsed recipe (``prefix``, ``prefix.lengths``, ``prefix.lengths.qformer``...)."""
+    if not isinstance(raw, dict):
+        return []
+    out = []
+    for k, v in raw.items():
+        out.append(prefix + str(k))
+        out += _dotted_keys(v, f"{prefix}{k}.")
+    return out
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    """Apply one ``key=value``; returns the key. A key inside a mapping-valued setting changes that entry and
+    keeps the others (``prefix.lengths.qformer=0`` keeps the language model's length); a whole mapping given
+    as the value replaces it."""
     if "=" not in item:
-        raise RecipeError(f"override {item!r} is not key=value (e.g. stages.0.lr=1e-4)")
+        raise RecipeError(f"override {item!r} is not key=value (e.g. methods.lora.lr=1e-4)")
     key, value = item.split("=", 1)
     node: Any = raw
+    default: Any = to_dict(RunConfig())
     parts = key.split(".")
+    if not all(parts):
+        raise RecipeError(f"override {item!r}: empty key part in {key!r}")
     for part in parts[:-1]:
         if isinstance(node, list):
             node = node[_list_index(node, part, key)]
+            default = None
         elif part.isdigit() and part not in node:
             raise RecipeError(f"override {key!r}: no list to index with {part!r} (with a plan, set methods.<method>.*)")
         else:
-            node = node.setdefault(part, {})
+            default = default.get(part) if isinstance(default, dict) else None
+            if node.get(part) is None:
+                node[part] = dict(default) if isinstance(default, dict) and part in _MAPPING_SETTINGS else {}
+            node = node[part]
             if not isinstance(node, (dict, list)):
                 raise RecipeError(f"override {key!r}: {part!r} holds a value, not a mapping")
-    parsed = yaml.safe_load(value) if value != "" else ""
+    parsed = _parse_yaml(value, f"override {key}") if value != "" else ""
     if isinstance(node, list):
         node[_list_index(node, parts[-1], key)] = parsed
     else:
         node[parts[-1]] = parsed
+    return key
+
+
+_MAPPING_SETTINGS = ("lengths", "targets")  # dict-valued settings (prefix.lengths, lora.targets)
 
 
 def _list_index(node: list, part: str, key: str) -> int:
@@ -254,32 +305,42 @@ def _list_index(node: list, part: str, key: str) -> int:
     return int(part)
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, default: Any = None) -> Any:
+    """``cls`` from ``raw`` laid over ``default`` (the field's default instance: nested sections keep the
+    defaults of the keys the recipe does not set)."""
     if not isinstance(raw, dict):
-        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
         where = prefix.rstrip(".") or "recipe"
-        raise RecipeError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
+        hint = ""
+        if cls is MethodConfig and {"train", "name"} & set(unknown):
+            hint = " (a plan decides what each stage trains and names it; write explicit stages: to choose)"
+        raise RecipeError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}{hint}; "
                           f"known keys: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
-    return cls(**kwargs)
+    kwargs = {}
+    for k, v in raw.items():
+        base = getattr(default, k, None) if default is not None else None
+        kwargs[k] = _coerce(hints[k], v, prefix + k, base)
+    if default is None:
+        return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs)
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
+        return _build(tp, value, key + ".", default if dataclasses.is_dataclass(default) else None)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(arg, value, key)
+                return _coerce(arg, value, key, default)
             except RecipeError as e:
                 errors.append(str(e))
         raise RecipeError(errors[0])
@@ -316,8 +377,9 @@ LORA_COMPONENTS = ("vision", "qformer", "language_model")
 QUANTIZED_GROUPS = ("vision", "projection", "language_model")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Checks across keys that types alone cannot express."""
+def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) -> None:
+    """Checks across keys that types alone cannot express. ``explicit``: the dotted keys the user set (in
+    their recipe file or as overrides); such a key that the plan would ignore is an error."""
     # the group names are owned by the model side
     from ptscale.models.groups import GROUP_ALIASES, GROUPS, expand_groups
 
@@ -368,12 +430,49 @@ def validate(cfg: RunConfig) -> None:
             raise RecipeError(f"{key}.epochs: must be > 0 (or set steps)")
         if not 0.0 <= stage.warmup_ratio < 1.0:
             raise RecipeError(f"{key}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
+    _drop_unused(cfg, explicit)
     _validate_quantization(cfg)
     _validate_data(cfg.data)
     if cfg.eval.num_beams < 1:
         raise RecipeError(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise RecipeError("eval.min_new_tokens: larger than eval.max_new_tokens")
+
+
+def _set_under(explicit: set[str] | frozenset[str], section: str) -> list[str]:
+    return sorted(k for k in explicit if k == section or k.startswith(section + "."))
+
+
+def _drop_unused(cfg: RunConfig, explicit: set[str] | frozenset[str]) -> None:
+    """A model holds only what its plan trains: no stage trains prefixes -> no prefix module at all (random
+    untrained prefixes would change every attention layer of the baseline). A key the user set for a part
+    the plan never uses is an error naming it, never silently ignored."""
+    trained = {g for s in cfg.stages for g in s.train}
+    what = f"plan {cfg.plan}" if cfg.plan else "the recipe's stages"
+    for section, group, example in (("prefix", "prefix", "plan=prefix->lora"), ("lora", "lora", "plan=prefix->lora"),
+                                    ("adapter", "adapter", "plan=prefix->adapter")):
+        if group in trained:
+            continue
+        if keys := _set_under(explicit, section):
+            raise RecipeError(f"{keys[0]}: set, but {what} trains no {group}; remove {section}.* from the recipe, "
+                              f"or use a plan that trains it (e.g. {example})")
+    if "prefix" not in trained and cfg.prefix.lengths:
+        if any(n > 0 for n in cfg.prefix.lengths.values()):
+            log.warning("prefix.lengths ignored: %s trains no prefix, so the model gets none", what)
+        cfg.prefix.lengths = {}
+    if "adapter" not in trained:
+        cfg.adapter = None
+    if cfg.plan is None:
+        if keys := _set_under(explicit, "methods"):
+            raise RecipeError(f"{keys[0]}: methods only feed a named plan, and this recipe gives explicit stages; "
+                              "set the value on the stage instead (stages.N.<key>)")
+        return
+    used = plan_methods(cfg.plan)
+    for method in METHODS:
+        if method not in used and (keys := _set_under(explicit, f"methods.{method}")):
+            raise RecipeError(f"{keys[0]}: set, but plan {cfg.plan} takes no stage settings from methods.{method}; "
+                              f"remove it (a joint stage takes the PEFT method's; this plan reads "
+                              f"methods.{', methods.'.join(used)})")
 
 
 def _validate_quantization(cfg: RunConfig) -> None:
@@ -419,3 +518,14 @@ def _validate_data(d: DataConfig) -> None:
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def dump_recipe(cfg: RunConfig) -> str:
+    """The fully resolved recipe as YAML, loadable as is (``load_recipe``). A named plan is kept as the plan
+    (its stages are derived from it and ``methods`` on load), explicit stages as the stages."""
+    raw = to_dict(cfg)
+    head = "# ptscale recipe, fully resolved: every key at its value for this run\n"
+    if cfg.plan is not None:
+        raw["stages"] = []
+        head += f"# plan {cfg.plan} expands into: " + " -> ".join("+".join(s.train) for s in cfg.stages) + "\n"
+    return head + yaml.safe_dump(raw, sort_keys=False)

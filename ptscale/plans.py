@@ -1,4 +1,4 @@
-"""Named stage plans of the paper, expanded into explicit stages (pure; no model needed).
+"""Stages and named stage plans of the paper, expanded into explicit stages (pure: no model, no torch).
 
 X is a second-stage method: lora, adapter (sequential or parallel, per the recipe's adapter section) or
 full (full fine-tuning; embeddings and LM head stay frozen).
@@ -10,25 +10,41 @@ full (full fine-tuning; embeddings and LM head stay frozen).
     prefix+X               both at once in one stage (parallel, table 5b)
     alternate(prefix,X,N)  N rounds of prefix-only then X-only stages (table 9)
 
-Each stage takes its hyper-parameters from ``methods[<method>]``; a joint stage (prefix and X) uses X's.
+Each stage takes its hyper-parameters from ``methods.<method>``; a joint stage (prefix and X) uses X's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass, field
 
-from ptscale.config import RecipeError, StageConfig
+from ptscale.errors import RecipeError
 
 METHODS = ("prefix", "lora", "adapter", "full")
 _ALTERNATE = re.compile(r"^alternate\((\w+),(\w+),(\d+)\)$")
 
 
-def _stage(methods: dict[str, StageConfig], hyper: str, train: list[str], name: str) -> StageConfig:
-    if hyper not in methods:
-        raise RecipeError(f"methods.{hyper}: the plan needs this method's stage hyper-parameters "
-                          f"(epochs or steps, lr, batch_size, ...)")
-    return dataclasses.replace(methods[hyper], name=name, train=list(train))
+@dataclass
+class MethodConfig:
+    """One method's stage hyper-parameters (a row of the paper's tables 12-14). The plan decides which
+    parameter groups each stage trains, so there is no ``train`` here."""
+
+    epochs: float = 1.0
+    steps: int | None = None  # overrides epochs when set (optimizer steps)
+    lr: float = 1e-3
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    batch_size: int = 16  # micro-batch per rank
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    evaluate: bool = True  # evaluate at the end of this stage
+
+
+@dataclass
+class StageConfig(MethodConfig):
+    name: str = ""
+    train: list[str] = field(default_factory=list)  # parameter groups that train in this stage
 
 
 def _check(method: str, plan: str) -> str:
@@ -37,23 +53,45 @@ def _check(method: str, plan: str) -> str:
     return method
 
 
-def expand_plan(plan: str, methods: dict[str, StageConfig]) -> list[StageConfig]:
+def plan_layout(plan: str) -> list[tuple[str, list[str], str]]:
+    """(the method whose hyper-parameters the stage takes, the groups it trains, its name) per stage."""
     spec = plan.replace(" ", "")
     if m := _ALTERNATE.match(spec):
         a, b, rounds = _check(m[1], plan), _check(m[2], plan), int(m[3])
         if rounds < 1:
             raise RecipeError(f"plan: {plan!r} needs at least one round")
-        return [_stage(methods, x, [x], f"round{r + 1}-{x}") for r in range(rounds) for x in (a, b)]
+        if a == b:
+            raise RecipeError(f"plan: {plan!r} alternates one method with itself")
+        return [(x, [x], f"round{r + 1}-{x}") for r in range(rounds) for x in (a, b)]
+    if spec.count("->") > 1 or spec.count("+") > 1:
+        raise RecipeError(f"plan: {plan!r} chains more than two methods; a plan is X, X->Y, X+Y or "
+                          "alternate(X,Y,N) (write explicit stages: for anything longer)")
     if "->" in spec:
-        first, second = spec.split("->", 1)
-        first, second = _check(first, plan), _check(second, plan)
+        first, second = (_check(x, plan) for x in spec.split("->", 1))
         if first == second:
             raise RecipeError(f"plan: {plan!r} repeats one method; use a single stage")
-        hyper = second if second != "prefix" else first
-        return [_stage(methods, first, [first], first),
-                _stage(methods, hyper, [first, second], f"{first}+{second}")]
+        hyper = second if second != "prefix" else first  # the joint stage takes the PEFT method's settings
+        return [(first, [first], first), (hyper, [first, second], f"{first}+{second}")]
     if "+" in spec:
         a, b = (_check(x, plan) for x in spec.split("+", 1))
-        hyper = b if a == "prefix" else a
-        return [_stage(methods, hyper, [a, b], f"{a}+{b}")]
-    return [_stage(methods, _check(spec, plan), [spec], spec)]
+        if a == b:
+            raise RecipeError(f"plan: {plan!r} joins one method with itself")
+        return [(b if a == "prefix" else a, [a, b], f"{a}+{b}")]
+    return [(_check(spec, plan), [spec], spec)]
+
+
+def plan_methods(plan: str) -> list[str]:
+    """The methods whose hyper-parameters (``methods.<method>``) the plan's stages take, in order."""
+    return list(dict.fromkeys(hyper for hyper, _, _ in plan_layout(plan)))
+
+
+def expand_plan(plan: str, methods: object) -> list[StageConfig]:
+    """``methods``: an object with one MethodConfig attribute per method (``config.MethodsConfig``)."""
+    return [StageConfig(**dataclasses.asdict(getattr(methods, hyper)), name=name, train=list(train))
+            for hyper, train, name in plan_layout(plan)]
+
+
+def prefixes_active(stages: list[StageConfig], index: int) -> bool:
+    """Prefixes take part in the forward from the first stage that trains them on: in X->prefix they do not
+    exist for X (the paper's reverse order), and before training the model is the pre-trained one."""
+    return index >= 0 and any("prefix" in s.train for s in stages[: index + 1])

@@ -13,11 +13,14 @@ import torch
 
 from ptscale.checkpoint import list_checkpoints, read_checkpoint
 from ptscale.config import RunConfig, load_recipe
-from ptscale.data.collate import CaptionCollator
-from ptscale.models.backbone import Backbone, default_backbone_dir, is_complete, load_backbone
+from ptscale.data.collate import CaptionCollator, make_collator
+from ptscale.errors import RecipeError, RunDirError
+from ptscale.models.backbone import Backbone, backbone_digest, default_backbone_dir, is_complete, load_backbone
 from ptscale.models.build import build_model
 from ptscale.models.presets import uses_random_weights
+from ptscale.plans import prefixes_active
 from ptscale.prefix.model import PrefixTunedModel
+from ptscale.rundir import RECIPE_FILE, check_backbone
 
 
 @dataclass
@@ -34,25 +37,31 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_
     """``full_precision``: load the base weights unquantised even when the run trained on a quantised base
     (``model.quantization``): exports merge and save against the original weights, as QLoRA does."""
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: no recipe.yaml; point at a run directory written by launchers/train.py")
-    cfg = load_recipe(run_dir / "recipe.yaml")
+    if not (run_dir / RECIPE_FILE).is_file():
+        what = "no such directory" if not run_dir.exists() else f"no {RECIPE_FILE} there"
+        raise RunDirError(f"{run_dir}: {what}; point at a run directory written by launchers/train.py")
+    cfg = load_recipe(run_dir / RECIPE_FILE, user_file=False)
     found = [Path(checkpoint)] if checkpoint else list_checkpoints(run_dir / "checkpoints")
     if not found:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run killed before "
-                                "its first save?)")
+        raise RunDirError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run killed before "
+                          "its first save?)")
+    if checkpoint and not (found[0] / "progress.json").is_file():
+        raise RunDirError(f"{checkpoint}: not a checkpoint directory (no progress.json)")
     if uses_random_weights(cfg.model):
-        raise ValueError(f"{run_dir}: the run trained on random weights (preset {cfg.model.preset}, no model.path); "
-                         "they were never saved, so there is no base to reload. Train with model.path to evaluate "
-                         "or export")
+        raise RecipeError(f"{run_dir}: the run trained on random weights (preset {cfg.model.preset}, no model.path); "
+                          "they were never saved, so there is no base to reload. Train with model.path to evaluate "
+                          "or export")
     backbone_dir = cfg.model.path or default_backbone_dir(cfg.model)
     if not cfg.model.path and not is_complete(Path(backbone_dir)):
-        raise FileNotFoundError(f"the default backbone this run used ({backbone_dir}) is not in the cache; "
-                                "run launchers/train.py once to build it, or set PTSCALE_CACHE")
+        raise RecipeError(f"the default backbone this run used ({backbone_dir}) is not in the cache; "
+                          "run launchers/train.py once to build it, or set PTSCALE_CACHE")
+    check_backbone(run_dir, {"source": str(backbone_dir), "digest": backbone_digest(backbone_dir)}, "run")
     quantization = "none" if full_precision else cfg.model.quantization
     backbone = load_backbone(backbone_dir, cfg.model.dtype, quantization)
     model = build_model(cfg, backbone)
-    _, tuned, _ = read_checkpoint(found[-1])
+    progress, tuned, _ = read_checkpoint(found[-1])
+    reached = progress.stage_index + (1 if progress.step > 0 else 0)  # stages begun when it was saved
+    model.dormant = not prefixes_active(cfg.stages, reached - 1)
     params = dict(model.named_parameters())
     unknown = sorted(set(tuned) - set(params))
     if unknown:
@@ -61,6 +70,5 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_
         for name, value in tuned.items():
             params[name].copy_(value.to(params[name].dtype))
     model.eval()
-    collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
-                               backbone.image_token_id, prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
+    collator = make_collator(backbone, cfg.data)
     return LoadedRun(run_dir, cfg, backbone, model, collator, found[-1])

@@ -63,3 +63,10 @@ class CaptionCollator:
         input_ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads])
         attention_mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
         return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def make_collator(model_parts, data_cfg) -> CaptionCollator:
+    """The collator for a backbone (or its BackboneSource: tokenizer, image processor, query tokens, image
+    token id) and a recipe's data section: the one place it is built."""
+    return CaptionCollator(model_parts.image_processor, model_parts.tokenizer, model_parts.num_query_tokens,
+                           model_parts.image_token_id, prompt=data_cfg.prompt, max_text_len=data_cfg.max_text_len)

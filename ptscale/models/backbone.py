@@ -166,3 +166,137 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
     if getattr(model.config, "image_token_id", None) is None:
         raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
     return Backbone(model, tokenizer, image_processor, path)
+
+
+# --- Where the backbone comes from: checked, identified and tokenised before any model is built --------------
+
+@dataclass
+class BackboneSource:
+    """What a run's backbone is, known before its weights are loaded: the data and the prefix/LoRA targets are
+    checked against it, and its identity is stored with the run (a resume or an evaluation on other weights
+    is refused)."""
+
+    path: Path | None  # None: random weights of a geometry preset
+    config: object  # Blip2Config
+    tokenizer: object
+    image_processor: object
+    identity: dict[str, str]  # {"source": ..., "digest": ...}
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.config.num_query_tokens
+
+
+SUPPORTED_MODEL_TYPES = ("blip-2",)
+
+
+def backbone_digest(path: str | Path) -> str:
+    """sha256 over a checkpoint directory's weight files (sorted by name; each file's name and bytes), the
+    identity a run records. The cached default's marker already holds its weights' checksum."""
+    path = Path(path)
+    marker = path / MARKER
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text())["sha256"]
+        except (ValueError, KeyError):
+            pass
+    h = hashlib.sha256()
+    for f in _weight_files(path):
+        h.update(f.name.encode())
+        h.update(_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or p.name.startswith("pytorch_model"))
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """``model.path`` before anything is built: a BLIP-2 checkpoint directory with readable weights."""
+    from ptscale.errors import DataError, RecipeError
+
+    if not path.is_dir():
+        raise RecipeError(f"model.path {path}: no such directory; point it at a local HF BLIP-2 checkpoint "
+                          "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise RecipeError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 checkpoint "
+                          "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except ValueError as e:
+        raise DataError(f"model.path {config}: not valid JSON ({e}); re-save the checkpoint") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise RecipeError(f"model.path {path}: a {model_type!r} checkpoint; ptscale trains "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Blip2ForConditionalGeneration)")
+    weights = _weight_files(path)
+    if not weights:
+        raise RecipeError(f"model.path {path}: no weights (model.safetensors or pytorch_model.bin); the directory "
+                          "holds a config only")
+    for f in weights:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+
+
+def _check_safetensors(f: Path) -> None:
+    """A truncated file fails here, in one line, instead of deep inside from_pretrained."""
+    from ptscale.errors import DataError
+
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise ValueError(f"{size} bytes, the header promises {8 + header_len + end}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{f}: truncated or corrupt safetensors file ({e}); copy the checkpoint again") from None
+
+
+def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool = True) -> BackboneSource:
+    """The backbone a recipe names (pre-training the embedded default once if it is not cached), with its
+    tokenizer and image processor, without loading its weights. ``build=False`` (a dry run): an embedded default
+    that is not cached yet is described by its preset's geometry instead of being pre-trained."""
+    from ptscale.models.presets import uses_random_weights
+
+    if not build and not cfg.path and not uses_random_weights(cfg) and not is_complete(default_backbone_dir(cfg)):
+        from ptscale.models.pretrain import new_tiny_model
+
+        with torch.device("meta"):
+            model, tokenizer = new_tiny_model(cfg.preset)
+        from ptscale.models.pretrain import tiny_processor
+
+        return BackboneSource(None, model.config, tokenizer, tiny_processor(),
+                              {"source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""})
+    if uses_random_weights(cfg):
+        from ptscale.models.scale import random_preset_parts
+
+        config, tokenizer, processor = random_preset_parts(cfg.preset)
+        return BackboneSource(None, config, tokenizer, processor,
+                              {"source": f"random weights of preset {cfg.preset}", "digest": f"random:{cfg.preset}"})
+    path = Path(cfg.path) if cfg.path else ensure_default_backbone(cfg, rank=rank, barrier=barrier)
+    check_checkpoint_dir(path)
+    from transformers import AutoConfig
+
+    from ptscale.errors import RecipeError
+
+    config = AutoConfig.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.path {path}: its tokenizer or image processor cannot be loaded "
+                          f"({str(e).splitlines()[0]}); save them beside the weights") from None
+    if getattr(config, "image_token_id", None) is None:
+        raise RecipeError(f"model.path {path}: config has no image_token_index; re-save it with a transformers 5 "
+                          "processor")
+    source = str(path) if cfg.path else f"embedded default {path.name}"
+    return BackboneSource(path, config, tokenizer, image_processor,
+                          {"source": source, "path": str(path), "digest": backbone_digest(path)})

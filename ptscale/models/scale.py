@@ -172,6 +172,12 @@ def build_random_backbone(preset: str, dtype: str) -> Backbone:
     return Backbone(model, tokenizer, image_processor(cfg.vision_config.image_size), Path(f"<random {preset}>"))
 
 
+def random_preset_parts(preset: str) -> tuple[object, object, object]:
+    """The config, tokenizer and image processor of a random-weights preset (no weights built)."""
+    cfg, tokenizer = _random_preset(preset)
+    return cfg, tokenizer, image_processor(cfg.vision_config.image_size)
+
+
 def _random_preset(preset: str) -> tuple[object, object]:
     from ptscale.data.synthetic import vocabulary
     from ptscale.models.presets import blip2_config

@@ -42,6 +42,9 @@ class PrefixTunedModel(nn.Module):
         self.kind = cfg.kind
         self._store = PrefixStore()
         self._noise_seed: int | None = None
+        # Dormant prefixes take no part in any forward: a plan whose prefix stage comes later (X->prefix)
+        # trains X on the unprefixed model, as the paper's reverse order does.
+        self.dormant = False
         targets = [(resolve(base, t), n) for t, n in cfg.lengths.items() if n > 0]
         owner: dict[str, str] = {}
         for target, _ in targets:
@@ -50,7 +53,8 @@ class PrefixTunedModel(nn.Module):
                     raise PrefixHookError(f"{name} is in both prefix targets {owner[name]!r} and {target.name!r}; "
                                           "give it a prefix length in one of them only")
                 owner[name] = target.name
-        base.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if targets:  # no prefix at all: the base model keeps its own attention implementation
+            base.set_attn_implementation(ATTN_IMPLEMENTATION)
         for target, length in targets:
             for idx, (name, module) in enumerate(target.layers):
                 check_reached(name, module, ATTN_IMPLEMENTATION)
@@ -71,7 +75,7 @@ class PrefixTunedModel(nn.Module):
         # Kept until the next call: gradient checkpointing re-reads them during backward.
         noise = None if self._noise_seed is None else torch.Generator().manual_seed(self._noise_seed)
         active: dict[str, torch.Tensor | PlusState] = {}
-        for target, module in self.prefixes.items():
+        for target, module in ({} if self.dormant else self.prefixes).items():
             out = module()  # a module call: ZeRO-3 gathers its parameters through its hooks
             kv, gate = out if isinstance(out, tuple) else (out, None)
             if noise is not None:

@@ -28,7 +28,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
-from ptscale.config import RecipeError, StageConfig
+from ptscale.errors import RecipeError
+from ptscale.plans import StageConfig
 
 
 @dataclass(frozen=True)
@@ -103,18 +104,22 @@ def load_ds_template(path: str | Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise RecipeError(f"--ds {path}: not valid JSON ({e})") from e
+        raise RecipeError(f"--ds {path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise RecipeError(f"--ds {path}: a DeepSpeed config is a JSON object, got {type(cfg).__name__}")
     for key in RECIPE_OWNED:
         if key in cfg:
             raise RecipeError(f"--ds {path}: remove the {key!r} section; each stage of the recipe builds its "
                               "own AdamW and warm-up/decay schedule")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0) if isinstance(cfg.get("zero_optimization"), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise RecipeError(f"--ds {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return cfg
 
 
-def resolve_ds_config(template: dict, stage: StageConfig, dtype: str, world_size: int) -> dict:
-    """Fill every "auto" from the stage and the model dtype; an "auto" we do not own is an error."""
-    cfg = copy.deepcopy(template)
-    values = {
+def _recipe_values(stage: StageConfig, dtype: str, world_size: int) -> dict[str, object]:
+    """What the recipe decides for DeepSpeed, by the config's dotted key."""
+    return {
         "train_micro_batch_size_per_gpu": stage.batch_size,
         "gradient_accumulation_steps": stage.grad_accum,
         "train_batch_size": stage.batch_size * stage.grad_accum * world_size,
@@ -122,6 +127,38 @@ def resolve_ds_config(template: dict, stage: StageConfig, dtype: str, world_size
         "bf16.enabled": dtype == "bf16",
         "fp16.enabled": dtype == "fp16",
     }
+
+
+def _dotted(node: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_against_recipe(template: dict, stages: list[StageConfig], dtype: str, world_size: int,
+                         source: str = "--ds") -> None:
+    """A value the recipe owns, written in the JSON as something other than "auto", must agree with the
+    recipe in every stage: otherwise one of the two would be silently ignored."""
+    given = _dotted(template)
+    for i, stage in enumerate(stages):
+        for key, value in _recipe_values(stage, dtype, world_size).items():
+            if key in given and given[key] != "auto" and given[key] != value:
+                owner = {"bf16.enabled": "model.dtype", "fp16.enabled": "model.dtype",
+                         "gradient_clipping": f"stages.{i}.max_grad_norm"}.get(key, f"stages.{i}.batch_size / "
+                                                                                   f"grad_accum and the world size")
+                raise RecipeError(f"{source}: {key} is {given[key]!r} but the recipe gives {value!r} in stage "
+                                  f"{i + 1} ({owner}); set it to \"auto\" in the JSON and choose the value in the "
+                                  "recipe")
+
+
+def resolve_ds_config(template: dict, stage: StageConfig, dtype: str, world_size: int) -> dict:
+    """Fill every "auto" from the stage and the model dtype; an "auto" we do not own is an error."""
+    cfg = copy.deepcopy(template)
+    values = _recipe_values(stage, dtype, world_size)
 
     def fill(node: dict, prefix: str) -> None:
         for key, value in node.items():
@@ -137,7 +174,7 @@ def resolve_ds_config(template: dict, stage: StageConfig, dtype: str, world_size
     fill(cfg, "")
     cfg.setdefault("train_micro_batch_size_per_gpu", stage.batch_size)
     cfg.setdefault("gradient_accumulation_steps", stage.grad_accum)
-    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above (checked against the recipe)
     cfg.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW as the client optimizer
     cfg.setdefault("steps_per_print", 2**31 - 1)
     return cfg

@@ -11,19 +11,21 @@ import json
 import logging
 import math
 import random
+import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ptscale.checkpoint import (
     Progress,
+    first_nonfinite,
     list_checkpoints,
+    newest_sound_checkpoint,
     read_checkpoint,
     rng_state,
     save_safetensors_atomic,
@@ -31,13 +33,14 @@ from ptscale.checkpoint import (
     write_checkpoint,
     write_text_atomic,
 )
-from ptscale.config import RecipeError, RunConfig, StageConfig, to_dict
+from ptscale.config import RecipeError, RunConfig, StageConfig, dump_recipe
 from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, collate_skipping
-from ptscale.data.collate import CaptionCollator
+from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
+from ptscale.errors import RunInterrupted, TrainingStopped
 from ptscale.eval.generate import generate_captions
-from ptscale.models.backbone import Backbone, ensure_default_backbone, load_backbone
-from ptscale.models.build import build_model
+from ptscale.models.backbone import Backbone, BackboneSource, load_backbone, resolve_source
+from ptscale.models.build import build_model, check_buildable
 from ptscale.models.feature_cache import VisionFeatureCache, fingerprint
 from ptscale.models.groups import group_of, group_sizes, set_trainable
 from ptscale.models.presets import uses_random_weights
@@ -49,7 +52,9 @@ from ptscale.models.scale import (
     memory_report,
     reset_peaks,
 )
+from ptscale.plans import prefixes_active
 from ptscale.prefix.model import gathered, prefix_parameter_report
+from ptscale.rundir import RECIPE_FILE, RUN_INFO_FILE, Resume, check_backbone, new_run_dir, run_info
 from ptscale.training import engine as ds
 from ptscale.training.logger import MetricLogger
 
@@ -67,6 +72,8 @@ class EvalPoint:
     total: int
     metrics: dict[str, float]
     unavailable: dict[str, str]
+    global_step: int = 0  # where on the run's one timeline it was taken
+    settings: dict = field(default_factory=dict)  # data, split, size, beams: what makes two evaluations comparable
 
 
 def seed_everything(seed: int) -> None:
@@ -91,11 +98,32 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingStopped):
     pass
 
 
-def load_run_backbone(cfg: RunConfig, ds_template: dict, dist: ds.DistInfo) -> Backbone:
+class StopRequest:
+    """SIGINT / SIGTERM: inside the training loop the run finishes its step, checkpoints and stops (every rank
+    agrees at the step boundary); outside it (setup, evaluation), or at a second Ctrl-C, it stops at once.
+    Under the deepspeed launcher a rank sees the terminal's SIGINT and then the launcher's SIGTERM: one stop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.in_loop = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        again = self.signum is not None
+        self.signum = self.signum or signum
+        if not self.in_loop or (again and signum == signal.SIGINT):
+            raise RunInterrupted(self.signum)
+
+
+def load_run_backbone(cfg: RunConfig, ds_template: dict, dist: ds.DistInfo,
+                      source: BackboneSource | None = None) -> Backbone:
     """A checkpoint (``model.path``), the cached embedded default, or random weights (a preset without
     an embedded pre-training, or ``pretrain_steps: 0``). Under ZeRO-3 a checkpoint or random build is
     partitioned from the first parameter (zero.Init): no rank ever holds the whole model. The embedded
@@ -116,8 +144,8 @@ def load_run_backbone(cfg: RunConfig, ds_template: dict, dist: ds.DistInfo) -> B
     if not partitioned:
         if random_weights:
             return build_random_backbone(m.preset, m.dtype)
-        path = m.path or ensure_default_backbone(m, rank=dist.rank, barrier=ds.barrier)
-        return load_backbone(path, m.dtype, m.quantization)
+        source = source or resolve_source(m, rank=dist.rank, barrier=ds.barrier)
+        return load_backbone(source.path, m.dtype, m.quantization)
     ds_cfg = ds.resolve_ds_config(ds_template, cfg.stages[0], m.dtype, dist.world_size)
     reset_peaks()
     if random_weights:
@@ -131,66 +159,91 @@ def load_run_backbone(cfg: RunConfig, ds_template: dict, dist: ds.DistInfo) -> B
 
 
 class PTPEFTRecipe:
-    def __init__(self, cfg: RunConfig, ds_template: dict, resume: str | None = None) -> None:
+    """``prepare()`` checks everything that can fail on the user's input (backbone, data, the model on the
+    meta device, the checkpoint to resume) before a run directory exists; ``setup()`` then creates it and
+    builds the model; ``train()`` runs the stages; ``cleanup()`` prints the results."""
+
+    stop = StopRequest()  # class default: a recipe built by hand (tests) has one too
+
+    def __init__(self, cfg: RunConfig, ds_template: dict, resume: Resume | None = None, command: str = "") -> None:
         self.cfg = cfg
         self.ds_template = ds_template
         self.resume = resume
+        self.command = command  # how the run was launched: the resume hint repeats it
+        self._prepared = False
 
     # --- setup ----------------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def prepare(self, build_backbone: bool = True) -> None:
+        """``build_backbone=False`` (dry run): an uncached embedded default is not pre-trained."""
         cfg = self.cfg
         self.dist = ds.init_distributed()
+        self.stop = StopRequest()
+        self.stop.install()
         seed_everything(cfg.seed)
-        self.run_dir, checkpoint = self._run_dir_and_checkpoint()
-        self.logger = MetricLogger(self.run_dir, self.dist.is_main)
         self.zero3 = ds.zero_stage(self.ds_template) == 3
-        self.backbone = load_run_backbone(cfg, self.ds_template, self.dist)
+        self.source = resolve_source(cfg.model, rank=self.dist.rank, barrier=ds.barrier, build=build_backbone)
+        if self.resume is not None:
+            check_backbone(self.resume.run_dir, self.source.identity, "--resume")
+        self.collator = make_collator(self.source, cfg.data)
+        self.splits = load_splits(cfg.data, self.collator)  # data errors before the model is built
+        self.train_records, self.eval_records = self.splits.train, self.splits.eval
+        check_buildable(cfg, self.source)
+        self._checkpoint_read = None
+        if self.resume is not None and self.resume.checkpoint is not None:
+            self._checkpoint_read = read_checkpoint(self.resume.checkpoint)  # a torn checkpoint fails here
+        self._prepared = True
+
+    def summary(self, dry_run: bool = False) -> str:
+        """What will run, in one line: model, plan, stages, data, world."""
+        cfg = self.cfg
+        stages = " -> ".join(f"{stage_name(s, i)} ({s.steps} steps)" if s.steps else
+                             f"{stage_name(s, i)} ({s.epochs:g} ep)" for i, s in enumerate(cfg.stages))
+        data = f"{cfg.data.name}/{cfg.data.task}" if cfg.data.name == "synthetic" else cfg.data.name
+        head = "dry run OK (nothing written): " if dry_run else ""
+        return (f"{head}{self.source.identity['source']}, plan {cfg.plan or 'explicit stages'}: {stages}; data "
+                f"{data} {len(self.train_records)} train / {len(self.eval_records)} eval; "
+                f"{self.dist.world_size} rank(s), ZeRO-{ds.zero_stage(self.ds_template)}")
+
+    def setup(self) -> None:
+        if not self._prepared:
+            self.prepare()
+        cfg = self.cfg
+        self.run_dir = self._open_run_dir()
+        if self.dist.is_main:
+            tqdm.write(f"{self.summary()}; run directory {self.run_dir}")
+        self.logger = MetricLogger(self.run_dir, self.dist.is_main)
+        self.backbone = load_run_backbone(cfg, self.ds_template, self.dist, self.source)
         self.model = build_model(cfg, self.backbone)
         cast_added_parameters(self.model, cfg.model.dtype)  # prefixes/tuners beside a zero.Init-built backbone
-        self.collator = CaptionCollator(self.backbone.image_processor, self.backbone.tokenizer,
-                                        self.backbone.num_query_tokens, self.backbone.image_token_id,
-                                        prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
-        self.splits = load_splits(cfg.data, self.collator)
-        self.train_records, self.eval_records = self.splits.train, self.splits.eval
         self.bad_data = BadDataReport()
         self.cache: VisionFeatureCache | None = None
         self.progress, self._optimizer_state, self._tuned = Progress(world_size=self.dist.world_size), None, None
-        if checkpoint is not None:
-            self._load_checkpoint(checkpoint)
+        if self._checkpoint_read is not None:
+            self._load_checkpoint(self.resume.checkpoint, *self._checkpoint_read)
+            self._checkpoint_read = None
         self.results = [EvalPoint(**r) for r in self.progress.results]
 
-    def _run_dir_and_checkpoint(self) -> tuple[Path, Path | None]:
-        out = Path(self.cfg.output_dir)
-        run_dir, checkpoint = None, None
+    def _open_run_dir(self) -> Path:
+        """Rank 0 creates (or, resuming, reopens) the run directory and writes the resolved recipe and run.json."""
+        run_dir = None
         if self.dist.is_main:
-            run_dir = out / (self.cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
-            if self.resume == "auto":
-                candidates = [out / self.cfg.run_name] if self.cfg.run_name else \
-                    sorted((p for p in out.glob("*") if list_checkpoints(p / "checkpoints")),
-                           key=lambda p: list_checkpoints(p / "checkpoints")[-1].stat().st_mtime)
-                found = list_checkpoints(candidates[-1] / "checkpoints") if candidates else []
-                if found:
-                    run_dir, checkpoint = candidates[-1], found[-1]
-                else:
-                    log.warning("--resume auto: no complete checkpoint under %s; starting fresh", out)
-            elif self.resume:
-                checkpoint = Path(self.resume)
-                if not (checkpoint / "progress.json").is_file():
-                    raise FileNotFoundError(f"--resume {checkpoint}: not a checkpoint directory "
-                                            "(expected .../checkpoints/ckpt-*/progress.json)")
-                run_dir = checkpoint.parent.parent
+            if self.resume is not None:
+                run_dir = self.resume.run_dir
+            else:
+                run_dir = new_run_dir(self.cfg)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "recipe.yaml").write_text(saved_recipe(self.cfg))
-        run_dir, checkpoint = ds.broadcast_object((str(run_dir), checkpoint and str(checkpoint)))
-        return Path(run_dir), checkpoint and Path(checkpoint)
+            write_text_atomic(run_dir / RECIPE_FILE, dump_recipe(self.cfg))
+            if not (run_dir / RUN_INFO_FILE).is_file():
+                write_text_atomic(run_dir / RUN_INFO_FILE, json.dumps(run_info(self.cfg, self.source.identity),
+                                                                      indent=1))
+        return Path(ds.broadcast_object(str(run_dir)))
 
-    def _load_checkpoint(self, path: Path) -> None:
-        progress, tuned, optimizer = read_checkpoint(path)
+    def _load_checkpoint(self, path: Path, progress: Progress, tuned: dict, optimizer: dict | None) -> None:
         params = dict(self.model.named_parameters())
         missing = sorted(set(tuned) - set(params))
         if missing:
-            raise RuntimeError(f"checkpoint {path} holds parameters this recipe's model lacks: {missing[:5]}; "
-                               "resume with the recipe that wrote it")
+            raise RecipeError(f"checkpoint {path} holds parameters this recipe's model lacks: {missing[:5]}; "
+                              "resume with the recipe that wrote it")
         with torch.no_grad():  # before any engine exists; a zero.Init-built backbone is already partitioned
             for name, value in tuned.items():
                 with gathered([params[name]], modifier_rank=0):  # every rank read the same file
@@ -203,8 +256,11 @@ class PTPEFTRecipe:
     # --- train ----------------------------------------------------------------------------------------
     def train(self) -> None:
         p = self.progress
-        for index in range(p.stage_index, len(self.cfg.stages)):
-            self.run_stage(index, self.cfg.stages[index])
+        try:
+            for index in range(p.stage_index, len(self.cfg.stages)):
+                self.run_stage(index, self.cfg.stages[index])
+        except RunInterrupted as e:
+            raise RunInterrupted(e.signum, self._interrupt_message(e.signum)) from None
 
     def run_stage(self, index: int, stage: StageConfig) -> None:
         name = stage_name(stage, index)
@@ -217,8 +273,11 @@ class PTPEFTRecipe:
         engine = ds.build_engine(self.model, stage, ds_cfg, steps)
         self._restore_into(engine, index)
         if self.cfg.eval.before_training and index == 0 and self.progress.step == 0 and not self.results:
-            # with the first engine alive, before its first step: its hooks gather a partitioned backbone
+            # with the first engine alive, before its first step: its hooks gather a partitioned backbone.
+            # The pre-trained model as it is: no prefix yet.
+            self.model.dormant = True
             self.evaluate("before training", -1)
+        self.model.dormant = not prefixes_active(self.cfg.stages, index)
         if self.dist.is_main:
             tqdm.write(f"[{name}] trains {', '.join(stage.train)}: {trainable:,} of {total:,} parameters "
                        f"({100 * trainable / total:.3f}%), {steps} steps")
@@ -228,18 +287,27 @@ class PTPEFTRecipe:
                     f"{t} {r['params']:,} ({100 * r['share']:.3f}%)" for t, r in per_target.items()))
         before = ds.param_digests(self.model) if self.cfg.check_frozen else {}
         self.cache = self._feature_cache(stage, before)
+        self.logger.log(self.progress.global_step, {"kind": "stage_start", "stage": name, "stage_index": index,
+                                                    "steps": steps, "trainable": trainable})
         self._train_steps(engine, loader, steps, name, index)
         if self.cache is not None:
             self._report_cache(name)
         after = ds.param_digests(self.model) if self.cfg.check_frozen else {}
         self._check_changes(before, after, stage, name)
         self._save_stage(engine, index, name, before, after)
+        self.logger.log(self.progress.global_step, {"kind": "stage_end", "stage": name, "stage_index": index})
         if stage.evaluate:  # while the engine lives: its hooks gather ZeRO-3 shards for generation
             self.evaluate(name, index, trainable=trainable, total=total)
         self.progress = Progress(stage_index=index + 1, world_size=self.dist.world_size,
-                                 results=[asdict(r) for r in self.results])
+                                 global_step=self.progress.global_step, results=[asdict(r) for r in self.results])
         self._checkpoint(engine, index, with_optimizer=False)
         ds.release(engine)
+
+    def _interrupt_message(self, signum: int) -> str:
+        newest = list_checkpoints(self.run_dir / "checkpoints") if hasattr(self, "run_dir") else []
+        where = f"newest checkpoint: {newest[-1]}" if newest else "no checkpoint was written yet"
+        how = f"resume with: {self.command} --resume {self.run_dir}" if newest else "start it again"
+        return f"stopped by {signal.Signals(signum).name} at a step boundary; {where}; {how}"
 
     def _feature_cache(self, stage: StageConfig, digests: dict[str, str]) -> VisionFeatureCache | None:
         """A cache when the vision tower is frozen, prefix- and tuner-free, and the query tokens frozen."""
@@ -264,7 +332,7 @@ class PTPEFTRecipe:
         if self.dist.is_main:
             tqdm.write(f"[{name}] vision feature cache: {c.hits} hits, {c.misses} misses")
             c.save()
-        self.logger.log(self.progress.step, {"kind": "feature_cache", "stage": name, "hits": c.hits,
+        self.logger.log(self.progress.global_step, {"kind": "feature_cache", "stage": name, "hits": c.hits,
                                              "misses": c.misses})
 
     def _resuming(self, index: int) -> bool:
@@ -314,8 +382,17 @@ class PTPEFTRecipe:
         p = self.progress
         if p.stage_index != index:
             p = self.progress = Progress(stage_index=index, world_size=self.dist.world_size,
-                                         results=[asdict(r) for r in self.results])
+                                         global_step=p.global_step, results=[asdict(r) for r in self.results])
         bar = tqdm(total=steps, initial=p.step, desc=name, disable=not self.dist.is_main, dynamic_ncols=True)
+        self.stop.in_loop = True
+        try:
+            self._step_loop(engine, loader, steps, name, index, bar)
+        finally:
+            self.stop.in_loop = False
+            bar.close()
+
+    def _step_loop(self, engine, loader: DataLoader, steps: int, name: str, index: int, bar: tqdm) -> None:
+        p = self.progress
         t0, samples0, in_row = time.time(), p.samples, 0
         every = self.cfg.checkpoint.every_steps
         while p.step < steps:
@@ -339,12 +416,11 @@ class PTPEFTRecipe:
                 if not self._all_finite(loss):
                     p.nonfinite_skipped += 1
                     in_row += 1
-                    self.logger.log(p.step, {"kind": "nonfinite", "stage": name, "skipped": p.nonfinite_skipped})
+                    self.logger.log(p.global_step, {"kind": "nonfinite", "stage": name,
+                                                    "skipped": p.nonfinite_skipped})
                     if in_row >= self.cfg.max_nonfinite_in_row:
-                        raise NonFiniteLossError(
-                            f"[{name}] {in_row} non-finite losses in a row (step {p.step}); stopping. The last "
-                            f"checkpoint under {self.run_dir / 'checkpoints'} is intact: lower the lr and "
-                            "resume with --resume auto")
+                        raise NonFiniteLossError(f"[{name}] {in_row} non-finite losses in a row (step {p.step}); "
+                                                 f"stopping. {self._sound_checkpoint_advice()}")
                     continue
                 in_row = 0
                 engine.backward(loss)
@@ -353,13 +429,18 @@ class PTPEFTRecipe:
                 if not engine.is_gradient_accumulation_boundary():
                     continue
                 p.step += 1
+                p.global_step += 1
                 rate = (p.samples - samples0) / (time.time() - t0)
                 bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}")
                 bar.update(1)
                 if p.step % self.cfg.log_every == 0 or p.step == steps:
-                    self.logger.log(p.step, {"kind": "train", "stage": name, "stage_index": index, "step": p.step,
-                                             "loss": loss.item(), "lr": engine.get_lr()[0], "samples_per_s": rate,
-                                             "epoch": p.epoch, "nonfinite_skipped": p.nonfinite_skipped})
+                    self.logger.log(p.global_step, {
+                        "kind": "train", "stage": name, "stage_index": index, "step": p.step, "loss": loss.item(),
+                        "lr": engine.get_lr()[0], "samples_per_s": rate, "epoch": p.epoch,
+                        "nonfinite_skipped": p.nonfinite_skipped})
+                if not self._all_ranks(self.stop.signum is None):  # a signal reached some rank
+                    self._checkpoint(engine, index, with_optimizer=True)
+                    raise RunInterrupted(self.stop.signum or signal.SIGTERM)
                 if every and p.step % every == 0 and p.step < steps:
                     self._checkpoint(engine, index, with_optimizer=True)
                 if p.step >= steps:
@@ -367,7 +448,6 @@ class PTPEFTRecipe:
             else:
                 p.epoch, p.batch_in_epoch = p.epoch + 1, 0
             self._report_bad_data(epoch_report, name)
-        bar.close()
 
     def _report_bad_data(self, epoch_report: BadDataReport, name: str) -> None:
         """Counted at each epoch end (all ranks summed); never a silent zero-length epoch."""
@@ -377,7 +457,7 @@ class PTPEFTRecipe:
         self.bad_data.merge(total)
         if self.dist.is_main:
             tqdm.write(f"[{name}] skipped bad data this epoch: {total.summary()}")
-            self.logger.log(self.progress.step, {"kind": "bad_data", "stage": name, **total.counts})
+            self.logger.log(self.progress.global_step, {"kind": "bad_data", "stage": name, **total.counts})
         if total.kept == 0:
             raise EmptySplitError(self.cfg.data.train_split, self.cfg.data.name, "every example was skipped")
 
@@ -392,7 +472,8 @@ class PTPEFTRecipe:
         return self._all_ranks(bool(torch.isfinite(loss.detach()).all()))
 
     def _checkpoint(self, engine, index: int, *, with_optimizer: bool) -> None:
-        """All ranks gather; rank 0 writes atomically."""
+        """All ranks gather and check; rank 0 writes atomically. Never from non-finite weights or moments:
+        every rank sees the same gathered values, so every rank stops together."""
         trained = {g for s in self.cfg.stages[: index + 1] for g in s.train}
         names = {n for n, _ in self.model.named_parameters() if group_of(n) in trained}
         tuned = ds.gather_state(self.model, names)
@@ -402,12 +483,23 @@ class PTPEFTRecipe:
         if with_optimizer:
             optimizer, p.optimizer_step = ds.get_optimizer_state(engine)
             p.scheduler = engine.lr_scheduler.state_dict()
+        if bad := first_nonfinite(tuned) or first_nonfinite(optimizer):
+            raise NonFiniteLossError(f"[{stage_name(self.cfg.stages[index], index)}] {bad} is not finite at step "
+                                     f"{p.step}: no checkpoint written. {self._sound_checkpoint_advice()}")
         p.rng = ds.gather_objects(rng_state())
         p.world_size = self.dist.world_size
+        p.results = [asdict(r) for r in self.results]
         if self.dist.is_main:
             path = write_checkpoint(self.run_dir / "checkpoints", p, tuned, optimizer, self.cfg.checkpoint.keep_last)
-            self.logger.log(p.step, {"kind": "checkpoint", "stage_index": index, "path": str(path)})
+            self.logger.log(p.global_step, {"kind": "checkpoint", "stage_index": index, "path": str(path)})
         ds.barrier()
+
+    def _sound_checkpoint_advice(self) -> str:
+        sound = newest_sound_checkpoint(self.run_dir / "checkpoints")
+        if sound is None:
+            return "No sound checkpoint exists: lower the learning rate and start a new run"
+        return (f"The newest sound checkpoint is {sound}: lower the learning rate (a resume keeps the recipe, so "
+                f"start a new run) or resume from it with --resume {sound}")
 
     def _check_changes(self, before: dict, after: dict, stage: StageConfig, name: str) -> None:
         """Frozen groups must be bit-identical; a trained group that did not move means the stage trained
@@ -444,15 +536,23 @@ class PTPEFTRecipe:
             total = sum(group_sizes(self.model).values())
         if self.dist.is_main:
             metrics, unavailable, rows = self._score(preds)
-            self.results.append(EvalPoint(point, index, trainable, total, metrics, unavailable))
+            step = self.progress.global_step
+            self.results.append(EvalPoint(point, index, trainable, total, metrics, unavailable, step,
+                                          self._eval_settings()))
             safe = point.replace(" ", "_")
             write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(rows, indent=1))
-            self.logger.log(0, {"kind": "eval", "stage": point, **metrics})
+            self.logger.log(step, {"kind": "eval", "stage": point, **metrics})
             tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                        if k in METRICS + VQA_METRICS))
             self._write_results()
         self.results = ds.broadcast_object(self.results)
         ds.barrier()
+
+    def _eval_settings(self) -> dict:
+        d, e = self.cfg.data, self.cfg.eval
+        return {"data": d.name, "task": d.task if d.name == "synthetic" else self.splits.task,
+                "split": d.eval_split if d.name != "synthetic" else "eval", "size": len(self.eval_records),
+                "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens}
 
     def _score(self, preds: dict[str, str]) -> tuple[dict[str, float], dict[str, str], list[dict]]:
         """Metrics, unavailable metrics (with reasons), and per-item rows to save beside them."""
@@ -486,12 +586,6 @@ class PTPEFTRecipe:
             print(f"run directory: {self.run_dir}")
         self.logger.close()
         ds.barrier()
-
-
-def saved_recipe(cfg: RunConfig) -> str:
-    """The resolved recipe, loadable as is: a plan is saved as the stages it expanded into."""
-    head = f"# plan: {cfg.plan} (expanded into the stages below)\n" if cfg.plan else ""
-    return head + yaml.safe_dump({**to_dict(cfg), "plan": None}, sort_keys=False)
 
 
 def results_table(results: list[EvalPoint]) -> str:
