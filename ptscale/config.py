@@ -205,6 +205,7 @@ class RunConfig:
 
 
 DEFAULT_RECIPE = "default.yaml"
+RESOLVED_HEADER = "# ptscale recipe, fully resolved: every key at its value for this run\n"
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, *,
@@ -220,7 +221,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
-        text, source, explicit_file = path.read_text(), str(path), user_file
+        text, source = path.read_text(), str(path)
+        # a fully resolved recipe (a run's recipe.yaml, `ptscale config` output) sets every key: none of them
+        # was chosen for this plan in particular, so unused ones are dropped, not refused
+        explicit_file = user_file and not text.startswith(RESOLVED_HEADER)
     raw = _parse_yaml(text, source) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(raw).__name__}")
@@ -476,11 +480,11 @@ def _drop_unused(cfg: RunConfig, explicit: set[str] | frozenset[str]) -> None:
 
 
 def _validate_quantization(cfg: RunConfig) -> None:
-    from ptscale.models.presets import uses_random_weights
-
     q = cfg.model.quantization
     if q == "none":
         return
+    from ptscale.models.presets import uses_random_weights
+
     if uses_random_weights(cfg.model):
         raise RecipeError(f"model.quantization={q}: preset {cfg.model.preset} without model.path has random weights, "
                           "nothing to quantise; set model.path, or use the embedded default with pretrain_steps > 0")
@@ -524,7 +528,7 @@ def dump_recipe(cfg: RunConfig) -> str:
     """The fully resolved recipe as YAML, loadable as is (``load_recipe``). A named plan is kept as the plan
     (its stages are derived from it and ``methods`` on load), explicit stages as the stages."""
     raw = to_dict(cfg)
-    head = "# ptscale recipe, fully resolved: every key at its value for this run\n"
+    head = RESOLVED_HEADER
     if cfg.plan is not None:
         raw["stages"] = []
         head += f"# plan {cfg.plan} expands into: " + " -> ".join("+".join(s.train) for s in cfg.stages) + "\n"

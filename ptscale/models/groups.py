@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # the group names are read by recipe validation, before torch is imported
+    from torch import nn
 
 # (group, pattern on the parameter name of ptscale.prefix.model.PrefixTunedModel)
 _RULES: tuple[tuple[str, str], ...] = (

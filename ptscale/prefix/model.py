@@ -53,8 +53,7 @@ class PrefixTunedModel(nn.Module):
                     raise PrefixHookError(f"{name} is in both prefix targets {owner[name]!r} and {target.name!r}; "
                                           "give it a prefix length in one of them only")
                 owner[name] = target.name
-        if targets:  # no prefix at all: the base model keeps its own attention implementation
-            base.set_attn_implementation(ATTN_IMPLEMENTATION)
+        base.set_attn_implementation(ATTN_IMPLEMENTATION)
         for target, length in targets:
             for idx, (name, module) in enumerate(target.layers):
                 check_reached(name, module, ATTN_IMPLEMENTATION)

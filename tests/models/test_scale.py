@@ -198,8 +198,12 @@ def _tiny_expected(vocab: int) -> dict[str, int]:
             "language_model": language_model}
 
 
+# The hand counts below use a 512-wide prefix MLP (Li & Liang's width; the recipe default is 64 for the tiny model).
+P512 = PrefixConfig(encoder_hidden=512)
+
+
 def test_parameter_counts_match_hand_computation_for_the_tiny_preset():
-    counts = count_parameters("tiny-blip2-opt", PrefixConfig(), LoraConfig(), vocab_size=100)
+    counts = count_parameters("tiny-blip2-opt", P512, LoraConfig(), vocab_size=100)
     assert counts.groups == _tiny_expected(100)
     # The largest module: OPT's prefix MLP output layer, Linear(512 -> 2 layers x K/V x 128).
     assert counts.largest_module == _linear(512, 2 * 2 * 128)
@@ -225,7 +229,7 @@ def test_parameter_counts_match_a_materialised_model():
 
 
 def test_bytes_per_rank_by_hand():
-    counts = count_parameters("tiny-blip2-opt", vocab_size=100)
+    counts = count_parameters("tiny-blip2-opt", P512, vocab_size=100)
     t = counts.trainable("prefix")  # 495,040 -> 123,760 per rank on 4 ranks
     assert t == 495_040
     part = 123_760

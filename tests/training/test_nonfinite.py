@@ -76,5 +76,19 @@ def test_too_many_in_a_row_stop_with_a_message(tmp_path):
     r = _recipe(tmp_path, max_in_row=3)
     engine = FakeEngine([1.0, float("nan"), float("nan"), float("nan"), 1.0])
     loader = FakeLoader([{"input_ids": torch.zeros(1, 2)}] * 5)
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row .* checkpoint .* is intact"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row .* No sound checkpoint exists"):
+        r._train_steps(engine, loader, steps=4, name="s", index=0)
+
+
+def test_the_stop_names_the_newest_sound_checkpoint_not_a_poisoned_one(tmp_path):
+    from ptscale.checkpoint import write_checkpoint
+
+    sound = write_checkpoint(tmp_path / "checkpoints", Progress(step=2), {"w": torch.ones(2)}, None, keep_last=10)
+    poisoned = write_checkpoint(tmp_path / "checkpoints", Progress(step=4), {"w": torch.ones(2)},
+                                {"w::exp_avg_sq": torch.ones(2)}, keep_last=10)
+    (poisoned / "tuned.safetensors").write_bytes(b"torn")  # unreadable: not sound
+    r = _recipe(tmp_path, max_in_row=2)
+    engine = FakeEngine([float("nan"), float("nan")])
+    loader = FakeLoader([{"input_ids": torch.zeros(1, 2)}] * 2)
+    with pytest.raises(NonFiniteLossError, match=f"newest sound checkpoint is {sound}"):
         r._train_steps(engine, loader, steps=4, name="s", index=0)
