@@ -69,6 +69,18 @@ def current_umask() -> int:
     return mask
 
 
+def apply_umask(root: Path, umask: int | None = None) -> None:
+    """Give ``root`` and everything under it the modes the umask allows (files 0o666 & ~umask, directories
+    0o777 & ~umask). For trees written privately: tempfile's directories are 0700, and safetensors creates
+    its files 0600 whatever the umask (so does every ``save_pretrained`` through it)."""
+    umask = current_umask() if umask is None else umask
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _disk_message(err: BaseException, what: str) -> str:
     full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in str(err) \
         or "os error 28" in str(err)
@@ -189,10 +201,9 @@ def write_checkpoint(root: Path, progress: Progress, tuned: dict[str, torch.Tens
             save_file({k: v.contiguous() for k, v in optimizer.items()}, tmp / "optimizer.safetensors")
         (tmp / "progress.json").write_text(json.dumps(_jsonable(asdict(progress))))
         for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        apply_umask(tmp, umask)  # mkdtemp made it 0700, safetensors its files 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -243,3 +243,14 @@ def test_a_stricter_umask_is_kept(tmp_path: Path) -> None:
     assert _mode(tmp_path / "captions-x.json") == 0o600
     assert _mode(ckpt) == 0o700 and _mode(ckpt / "progress.json") == 0o600
     assert ck.current_umask() == old  # reading the umask left it as it was
+
+
+def test_apply_umask_opens_a_privately_written_tree(tmp_path: Path, umask_022: None) -> None:
+    """What save_pretrained leaves (safetensors files are 0600 whatever the umask) inside a mkdtemp (0700)."""
+    tree = Path(ck.tempfile.mkdtemp(dir=tmp_path))
+    (tree / "sub").mkdir(mode=0o700)
+    ck.save_file({"w": torch.ones(2)}, tree / "sub" / "model.safetensors")
+    os.chmod(tree / "sub" / "model.safetensors", 0o600)  # as safetensors 0.8 creates it, umask or not
+    assert _mode(tree) == 0o700
+    ck.apply_umask(tree)
+    assert (_mode(tree), _mode(tree / "sub"), _mode(tree / "sub" / "model.safetensors")) == (0o755, 0o755, 0o644)
