@@ -8,10 +8,16 @@ A checkpoint is a directory ``checkpoints/ckpt-<stage>-<step>`` holding
 - ``progress.json``: stage, step, data position, scheduler state, RNG states per rank, results so far.
 It is written to a temporary directory and renamed into place, so a crash mid-save leaves every older
 checkpoint loadable; only complete directories ever carry the ``ckpt-`` name.
+
+Only finite weights and optimizer moments are ever written (a diverged run must not leave a "safe" checkpoint
+of garbage behind), and every file and directory written here gets the user's umask: ``tempfile`` creates
+them private (0600 / 0700) and they are opened up to ``0o666 & ~umask`` / ``0o777 & ~umask`` before the
+rename that publishes them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,9 +26,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 PREFIX = "ckpt-"
+TMP_PREFIX = ".tmp-"
+REQUIRED_FILES = ("progress.json", "tuned.safetensors")  # present in every checkpoint write_checkpoint publishes
+# What a failed write can raise: the OS's errors, and safetensors' own (its Rust writer reports I/O
+# failures such as a full disk as SafetensorError, not OSError).
+WRITE_ERRORS = (OSError, SafetensorError)
+READ_ERRORS = (OSError, ValueError, TypeError, KeyError, SafetensorError)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint (or another output file) that cannot be written or read back; the message names the
+    file and the fix. A user-facing error: the CLI reports it in one line."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """Refusal to save weights or optimizer moments holding NaN or inf."""
 
 
 @dataclass
@@ -41,18 +63,51 @@ class Progress:
     results: list = field(default_factory=list)
 
 
+def current_umask() -> int:
+    """The process umask. POSIX has no read-only query: set a value and put the old one straight back."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path, umask: int | None = None) -> None:
+    """Give ``root`` and everything under it the modes the umask allows (files 0o666 & ~umask, directories
+    0o777 & ~umask). For trees written privately: tempfile's directories are 0700, and safetensors creates
+    its files 0600 whatever the umask (so does every ``save_pretrained`` through it)."""
+    umask = current_umask() if umask is None else umask
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _disk_message(err: BaseException, what: str) -> str:
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in str(err) \
+        or "os error 28" in str(err)
+    return f"disk full while writing {what}" if full else f"cannot write {what} ({err})"
+
+
 def _atomic(path: Path, write) -> None:
+    """Write through a private temporary file in the same directory, give it the umask's mode, rename it
+    into place: a reader sees the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    mode = 0o666 & ~current_umask()
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except WRITE_ERRORS as e:
+        raise CheckpointError(f"{_disk_message(e, str(path))}; free space or fix the directory's permissions "
+                              f"and run again (any older {path.name} is unchanged)") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -104,13 +159,44 @@ def _jsonable(obj):
     return obj
 
 
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(name, non-finite count, size) of the first floating tensor holding NaN or inf, in key order."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return name, bad, t.numel()
+    return None
+
+
+def checkpoint_name(progress: Progress) -> str:
+    return f"{PREFIX}{progress.stage_index:02d}-{progress.step:07d}"
+
+
 def write_checkpoint(root: Path, progress: Progress, tuned: dict[str, torch.Tensor],
                      optimizer: dict[str, torch.Tensor] | None, keep_last: int) -> Path:
-    """Rank 0 only. Returns the final directory."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{progress.stage_index:02d}-{progress.step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    """Rank 0 only. Returns the final directory.
+
+    Raises NonFiniteCheckpointError (nothing written) when a weight or moment is NaN/inf, and
+    CheckpointError when the write fails (disk full, permissions); either way the temporary directory is
+    gone and every older checkpoint is intact.
+    """
+    root = Path(root)
+    final = root / checkpoint_name(progress)
+    for kind, tensors in (("trained weight", tuned), ("optimizer moment", optimizer or {})):
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            name, count, size = bad
+            raise NonFiniteCheckpointError(
+                f"refusing to write checkpoint {final}: {kind} {name!r} holds {count} non-finite values "
+                f"(of {size}); nothing was written, the older checkpoints under {root} are intact")
+    umask = current_umask()
+    tmp: Path | None = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root))
         save_file({k: v.contiguous() for k, v in tuned.items()}, tmp / "tuned.safetensors")
         if optimizer is not None:
             save_file({k: v.contiguous() for k, v in optimizer.items()}, tmp / "optimizer.safetensors")
@@ -118,48 +204,76 @@ def write_checkpoint(root: Path, progress: Progress, tuned: dict[str, torch.Tens
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        apply_umask(tmp, umask)  # mkdtemp made it 0700, safetensors its files 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except WRITE_ERRORS as e:
+        what = f"checkpoint under {root}"
+        raise CheckpointError(f"{_disk_message(e, what)}; free space and resume with --resume auto; "
+                              "older checkpoints are intact") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _remove_stale_temporaries(root: Path) -> None:
+    """Temporary directories of a writer that was killed mid-save (a crash cannot run ``finally``). Only
+    rank 0 of the one run owning ``root`` writes here, so none of them is in use."""
+    for p in root.glob(f"{TMP_PREFIX}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (published by write_checkpoint, their files present), oldest first."""
+    root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and all((p / f).is_file() for f in REQUIRED_FILES))
+
+
+def _older_than(path: Path) -> Path | None:
+    older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+    return older[-1] if older else None
 
 
 def read_checkpoint(path: Path) -> tuple[Progress, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Raises CheckpointError naming the unreadable file and the fix (the next older checkpoint, or a
+    fresh start)."""
+    path = Path(path)
+    current = path / "progress.json"
     try:
-        progress = Progress(**json.loads((path / "progress.json").read_text()))
-        tuned = load_file(path / "tuned.safetensors")
-        opt_file = path / "optimizer.safetensors"
-        optimizer = load_file(opt_file) if opt_file.exists() else None
-    except (OSError, ValueError, TypeError) as e:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({e}); delete it to resume from an older one") from e
+        progress = Progress(**json.loads(current.read_text()))
+        current = path / "tuned.safetensors"
+        tuned = load_file(current)
+        current = path / "optimizer.safetensors"
+        optimizer = load_file(current) if current.exists() else None
+    except READ_ERRORS as e:
+        older = _older_than(path)
+        fix = f"delete {path} to resume from an older one ({older})" if older is not None else \
+            f"delete {path} and start fresh (no older complete checkpoint)"
+        raise CheckpointError(f"checkpoint file {current} cannot be read ({e}); {fix}") from e
     return progress, tuned, optimizer
 
 
-def first_nonfinite(tensors: dict[str, torch.Tensor] | None) -> str | None:
-    """The name of the first tensor holding a NaN or an infinity (None: all finite)."""
-    for name, t in (tensors or {}).items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
+def is_sound(path: Path) -> bool:
+    """The checkpoint's files read back and every weight and moment in them is finite."""
+    try:
+        _, tuned, optimizer = read_checkpoint(path)
+    except CheckpointError:
+        return False
+    return first_nonfinite(tuned) is None and first_nonfinite(optimizer or {}) is None
 
 
 def newest_sound_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint whose files read back and whose tensors are all finite."""
+    """The newest checkpoint under ``root`` that is_sound (reads each candidate in full, newest first: for
+    the error path, not for every step)."""
     for path in reversed(list_checkpoints(root)):
-        try:
-            _, tuned, optimizer = read_checkpoint(path)
-        except RuntimeError:
-            continue
-        if first_nonfinite(tuned) is None and first_nonfinite(optimizer) is None:
+        if is_sound(path):
             return path
     return None

@@ -33,6 +33,12 @@ class Resume:
     checkpoint: Path | None  # None: the run has no complete checkpoint (start it again in place)
 
 
+def load_run_recipe(run_dir: str | Path) -> RunConfig:
+    """A run directory's saved recipe: every key was resolved when the run started, so none counts as chosen
+    for the plan (older runs saved their recipes without the resolved-recipe header)."""
+    return load_recipe(Path(run_dir) / RECIPE_FILE, user_file=False)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a directory only carries the ckpt- name once it is complete)."""
     root = run_dir / CHECKPOINTS
@@ -111,7 +117,7 @@ def resumed_recipe(run_dir: Path, recipe: str | None, overrides: list[str]) -> R
     """The recipe a resume runs: the run's saved recipe with the allowed overrides; a change to what the run
     trains is refused, naming every differing key with its old and new value."""
     saved_path = run_dir / RECIPE_FILE
-    saved = load_recipe(saved_path, user_file=False)
+    saved = load_run_recipe(run_dir)
     new = load_recipe(recipe, overrides) if recipe else load_recipe(saved_path, overrides, user_file=False)
     if diffs := resume_differences(saved, new):
         raise RecipeError(f"--resume {run_dir}: the resume would change what the run trains; start a new run "

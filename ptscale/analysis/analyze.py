@@ -199,7 +199,7 @@ def _check_same_backbone(run_dirs: list[Path]) -> None:
     """Every model reads the same preprocessed samples and is compared with one reference: one backbone."""
     from ptscale.config import load_recipe
 
-    dirs = {str(_backbone_dir(load_recipe(p / "recipe.yaml"))) for p in run_dirs}
+    dirs = {str(_backbone_dir(load_recipe(p / "recipe.yaml", user_file=False))) for p in run_dirs}
     if len(dirs) > 1:
         raise ValueError(f"the runs (and the reference) start from different backbones ({', '.join(sorted(dirs))});"
                          " analyse runs of one backbone together")
@@ -265,7 +265,7 @@ def analyze_runs(request: AnalyzeRequest) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     pretrained = request.reference == PRETRAINED
     _check_same_backbone(run_dirs if pretrained else [*run_dirs, Path(request.reference)])
-    first_cfg = load_recipe(run_dirs[0] / "recipe.yaml")
+    first_cfg = load_recipe(run_dirs[0] / "recipe.yaml", user_file=False)
     ref_subject = (pretrained_subject(first_cfg) if pretrained else
                    run_subject(Path(request.reference), f"reference: {Path(request.reference).name}", "reference"))
     # The first run's data; preprocessed by the reference's image processor, which every model shares

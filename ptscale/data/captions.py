@@ -70,7 +70,7 @@ class CaptionDataset(LazyImageDataset):
     def __len__(self) -> int:
         return len(self._image_row)
 
-    def _row_index(self, index: int) -> int:
+    def row_of(self, index: int) -> int:
         return int(self._image_row[index])
 
     def _record_id(self, row: dict[str, Any]) -> str:

@@ -93,7 +93,7 @@ class LazyImageDataset(Dataset, ABC):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _row_index(self, index: int) -> int:
+    def row_of(self, index: int) -> int:
         """The row of ``rows`` that item ``index`` comes from (several items may share one image row)."""
         return index
 
@@ -109,7 +109,7 @@ class LazyImageDataset(Dataset, ABC):
         index = int(index)  # samplers may hand out numpy or tensor integers
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} examples of {self.where}")
-        row = self.rows[self._row_index(index)]
+        row = self.rows[self.row_of(index)]
         try:
             image = load_image(row["image_path"], self._record_id(row))
         except BadRecord as err:

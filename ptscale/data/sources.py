@@ -16,6 +16,7 @@ from torch.utils.data import Subset
 from ptscale.config import DataConfig
 from ptscale.data.collate import CaptionCollator
 from ptscale.data.synthetic import make_split
+from ptscale.data.vocabulary import check_vocabulary
 
 VQA_PROMPT = "Question: {} Answer:"
 
@@ -35,6 +36,14 @@ def _cap(dataset, n: int):
 
 
 def load_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
+    """The recipe's splits, after checking that the collator's tokenizer can express their text
+    (RecipeError naming the unknown-token rate otherwise)."""
+    splits = _load(cfg, collator)
+    check_vocabulary(cfg.name, collator.tokenizer, {"training": splits.train, "eval": splits.eval})
+    return splits
+
+
+def _load(cfg: DataConfig, collator: CaptionCollator) -> Splits:
     if cfg.name == "synthetic":
         train = collator.preprocess(make_split(cfg.task, cfg.train_size, cfg.seed, "train"))
         evals = collator.preprocess(make_split(cfg.task, cfg.eval_size, cfg.seed, "eval"))

@@ -483,9 +483,10 @@ class PTPEFTRecipe:
         if with_optimizer:
             optimizer, p.optimizer_step = ds.get_optimizer_state(engine)
             p.scheduler = engine.lr_scheduler.state_dict()
-        if bad := first_nonfinite(tuned) or first_nonfinite(optimizer):
-            raise NonFiniteLossError(f"[{stage_name(self.cfg.stages[index], index)}] {bad} is not finite at step "
-                                     f"{p.step}: no checkpoint written. {self._sound_checkpoint_advice()}")
+        if bad := first_nonfinite(tuned) or first_nonfinite(optimizer or {}):
+            raise NonFiniteLossError(f"[{stage_name(self.cfg.stages[index], index)}] {bad[0]} is not finite at step "
+                                     f"{p.step} ({bad[1]:,} of {bad[2]:,} values): no checkpoint written. "
+                                     f"{self._sound_checkpoint_advice()}")
         p.rng = ds.gather_objects(rng_state())
         p.world_size = self.dist.world_size
         p.results = [asdict(r) for r in self.results]

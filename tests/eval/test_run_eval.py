@@ -94,6 +94,8 @@ def test_eval_data_is_the_runs_split():
     from ptscale.data.synthetic import make_split
 
     class NoPixels:  # load_splits preprocesses synthetic records; pixels are not what is checked here
+        tokenizer = None  # nor the vocabulary check (tests/data/test_vocabulary.py): no tokenizer, nothing measured
+
         def preprocess(self, records):
             return records
 
