@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import os
 import random
 import subprocess
@@ -483,6 +484,27 @@ def test_bench_methods_and_check_run_on_cpu(bench):
         "not installed",
         "unsupported: flash-attn has no fp32 kernels",
     )
+
+
+def test_bench_check_fails_on_nan_anywhere(bench, monkeypatch):
+    # Python's max() skips a NaN unless it comes first; the check must not.
+    assert bench.worst_error({"ours_err_o": 1e-6, "ours_err_dq": float("nan"), "peft_err_o": 0.0}, "ours") == math.inf
+    assert bench.worst_error({"ours_err_o": 2e-6, "ours_err_dq": 1e-6}, "ours") == 2e-6
+    assert bench.rel_error(torch.tensor([1.0, float("nan")]), torch.ones(2)) == math.inf
+    assert bench.rel_error(None, torch.ones(2)) == math.inf
+    # A kernel that leaves one element of one output NaN fails the shape's check.
+    shape = bench.BenchShape("tiny", 1, 2, 9, 3, 16, True, "fp32")
+    inputs = bench.make_inputs(shape, torch.device("cpu"))
+    real = bench.prefix_attention
+
+    def leaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out + torch.zeros_like(out).index_put_((torch.tensor([0]),) * 4, torch.tensor([float("nan")]))
+
+    monkeypatch.setattr(bench, "prefix_attention", leaky)
+    errors = bench.check_shape(inputs, shape)
+    assert errors["ours_err_o"] == math.inf and bench.worst_error(errors, "ours") == math.inf
+    assert bench.worst_error(errors, "peft") < 1e-5
 
 
 def test_bench_refuses_to_run_without_cuda(bench, monkeypatch, capsys):
