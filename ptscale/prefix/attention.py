@@ -130,6 +130,15 @@ def reference_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: to
 
 _backend_logged: set[str] = set()
 
+# (variant, path) -> number of prefix-attention calls served by it since the last reset: the benchmarks report
+# which share of the layers the kernel really served (attention dropout in training, for one, sends a layer
+# to the reference path). A host-side dict increment per call; never read by the hook itself.
+served: dict[tuple[str, str], int] = {}
+
+
+def _served(variant: str, path: str) -> None:
+    served[(variant, path)] = served.get((variant, path), 0) + 1
+
 
 def _log_once(key: str, msg: str) -> None:
     if key not in _backend_logged:
@@ -267,12 +276,14 @@ def _plus_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if outside_kernel is None and choose_backend(query, dropout, variant="plus") == "triton":
         mask = sequence_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, causal=causal)
         if _mask_is_key_padding(query, mask, causal):
+            _served("plus", "triton")
             return _plus_kernel_call(query, key, value, prefix, mask, scaling, causal).transpose(1, 2).contiguous()
         _log_once(f"plus:outside:{NOT_KEY_PADDING}", f"Prefix-Tuning+ attention: torch path for {NOT_KEY_PADDING} "
                                                     "(the Triton kernel does not cover it)")
     elif outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
         _log_once(f"plus:outside:{outside_kernel}", f"Prefix-Tuning+ attention: torch path for {outside_kernel} "
                                                    "(the Triton kernel does not cover it)")
+    _served("plus", "reference")
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                     dropout=dropout, **kwargs)
     return out + memory_term(query, prefix, scaling).transpose(1, 2)
@@ -304,6 +315,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                       else "an additive position bias" if bias is not None else None)
     if outside_kernel is None and choose_backend(query, dropout) == "triton":
         if _mask_is_key_padding(query, mask, causal):
+            _served("classic", "triton")
             out = _kernel_call(module, query, key, value, pk, pv, mask, scaling, causal=causal)
             return out.transpose(1, 2).contiguous(), None
         # The kernel was chosen (auto or forced) but cannot express this mask: say so once, whatever the setting.
@@ -312,6 +324,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     elif outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
         _log_once(f"outside:{outside_kernel}",
                   f"prefix attention: reference path for {outside_kernel} (the Triton kernel does not cover it)")
+    _served("classic", "reference")
     out = reference_prefix_attention(query, key, value, pk, pv, mask, scaling, dropout, bias=bias)
     return out.transpose(1, 2).contiguous(), None
 

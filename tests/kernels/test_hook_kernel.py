@@ -70,6 +70,8 @@ def test_tiny_blip2_through_the_kernel_matches_the_reference(tiny_backbone, kern
                 p.data.normal_()
     batch = _batch(model)
     params = [p for p in model.prefixes.parameters() if p.requires_grad]
+    layers = base.config.qformer_config.num_hidden_layers + base.config.text_config.num_hidden_layers
+    monkeypatch.setattr(attention, "served", {})
 
     def loss_and_grads():
         loss = model(**batch).loss
@@ -77,10 +79,12 @@ def test_tiny_blip2_through_the_kernel_matches_the_reference(tiny_backbone, kern
 
     _force(monkeypatch, "reference")
     want, want_grads = loss_and_grads()
+    assert attention.served == {(kind, "reference"): layers}
+    attention.served.clear()
     _force(monkeypatch, "triton")
     got, got_grads = loss_and_grads()
-    layers = base.config.qformer_config.num_hidden_layers + base.config.text_config.num_hidden_layers
     assert kernel_calls[kind] == layers and kernel_calls["plus" if kind == "classic" else "classic"] == 0
+    assert attention.served == {(kind, "triton"): layers}
     # fp32 on both paths, different summation orders (online softmax in tiles vs SDPA): rounding only.
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads, strict=True):
