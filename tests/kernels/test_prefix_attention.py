@@ -23,6 +23,7 @@ import ptscale_kernels
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from ptscale_kernels import (
     KernelConfig,
     prefix_attention,
@@ -594,3 +595,49 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("compiled")
+
+
+# ---------------------------------------------------------------------------------------------------
+# head dim 80 (OPT-2.7B) runs as 64 + 16, not padded to 128
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_head_dim_parts():
+    assert tpa.head_dim_parts(80) == (64, 16, True) and tpa.head_dim_work(80) == 80
+    assert tpa.head_dim_parts(96) == (64, 32, True) and tpa.head_dim_work(96) == 96
+    assert tpa.head_dim_parts(64)[::2] == (64, False) and tpa.head_dim_work(64) == 64
+    assert tpa.head_dim_work(112) == 128  # 64 + 64 would save nothing over one 128-wide tile
+    for d in range(1, 129):
+        block_d, block_d2, split = tpa.head_dim_parts(d)
+        for width in (block_d, block_d2):
+            assert width >= 16 and width & (width - 1) == 0, (d, width)  # tl.dot / tl.arange need these
+        work = tpa.head_dim_work(d)
+        assert d <= work <= max(16, triton.next_power_of_2(d)), d
+        assert not split or work < triton.next_power_of_2(d), d  # a split only where it saves work
+
+
+def test_head_dim_80_launches_do_80_wide_work(monkeypatch, poisoned):
+    # Every launch of the forward and the four backward kernels at D = 80 runs its dots over 64 + 16 columns
+    # (the FLOPs of D = 80), and the result still matches the float64 reference (NaN-poisoned outputs: the
+    # second part's columns must be written too).
+    launches = []
+
+    class Record:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.__name__, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dprefix", "_attn_bwd_dq"):
+        monkeypatch.setattr(tpa, name, Record(getattr(tpa, name)))
+    monkeypatch.setattr(tpa, "_interpreting", lambda: True)  # it looks for the interpreted _attn_fwd, now wrapped
+    _check_case(Case(2, 2, 21, 5, 80, True, True), seed=80)
+    assert len(launches) == 5
+    for name, kwargs in launches:
+        assert kwargs["HEAD_DIM"] == 80 and kwargs["SPLIT"] is True, name
+        assert kwargs["BLOCK_D"] + kwargs["BLOCK_D2"] == 80, name
