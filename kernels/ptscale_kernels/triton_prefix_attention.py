@@ -29,6 +29,7 @@ per-head linear-attention memory) from the sequence parts of these kernels: `_at
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -861,12 +862,29 @@ def default_config(
     dtype: torch.dtype,
     device: torch.device,
 ) -> KernelConfig:
-    """Heuristic tile sizes for sm_80 / sm_90.
+    """Tile sizes: on sm_90 the measured choice for the shape class where `tuned_sm90.json` has one (see
+    `shape_class`), else the heuristic below (sm_80 / sm_90).
 
-    Checked by compiling every kernel for sm_90a offline (ptxas -v, no GPU at hand): these choices fit
-    in shared memory and do not spill registers (a few bytes at most) for D in {64, 80, 128} in bf16 /
-    fp16 / fp32 at the benchmark shapes. Not timed on hardware yet.
+    The heuristic is checked by compiling every kernel for sm_90a offline (ptxas -v, no GPU at hand): its
+    choices fit in shared memory and do not spill registers (a few bytes at most) for D in {64, 80, 128} in
+    bf16 / fp16 / fp32 at the benchmark shapes. Not timed on hardware yet.
     """
+    if device.type == "cuda" and _capability(device) == (9, 0):
+        tiles = tuned_sm90().get(shape_class(seq_len, head_dim, dtype))
+        if tiles is not None:
+            return candidate_config(tiles, batch, heads, seq_len, prefix_len, head_dim, dtype, device)
+    return _heuristic_config(batch, heads, seq_len, prefix_len, head_dim, dtype, device)
+
+
+def _heuristic_config(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    prefix_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> KernelConfig:
     if device.type != "cuda":
         # Interpreter: the smallest tiles, so that tiny test shapes still cross several blocks.
         n_q_blocks = triton.cdiv(seq_len, 16)
@@ -901,6 +919,103 @@ def default_config(
         bwd_warps=4 if dtype == torch.float32 else 8,
         num_stages=2 if dtype == torch.float32 else 3,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# sm_90: a fixed, measured choice of tiles per shape class
+# ---------------------------------------------------------------------------------------------------
+#
+# Not triton.autotune: its choice is made anew in every process, by timing, so two runs of one recipe could
+# launch different tiles (and sum in different orders). Instead `launchers/gpu_check.py tune` times every
+# candidate below on an H100 / H200 for each shape class used in training, and writes the fastest per class
+# to tuned_sm90.json beside this file; that file is committed, and every later run reads the same choice.
+# A class without an entry (or no file: nothing has been measured yet) uses the heuristic.
+
+# Tile candidates for 16-bit inputs: (block_m, block_n, block_m1, block_n1, block_m2, block_n2, fwd_warps,
+# bwd_warps, num_stages), each clamped to the sequence like the heuristic. Compiled for sm_90a offline at the
+# training shapes by tests/kernels/test_prefix_attention.py (shared memory within 227 KiB).
+SM90_CANDIDATES: tuple[tuple[int, ...], ...] = (
+    (64, 32, 16, 64, 64, 16, 4, 4, 2),
+    (64, 64, 32, 64, 64, 32, 4, 8, 3),
+    (128, 64, 32, 64, 128, 32, 8, 8, 3),
+    (128, 64, 32, 128, 128, 32, 8, 8, 2),
+)
+TUNED_SM90_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_sm90.json")
+
+
+def shape_class(seq_len: int, head_dim: int, dtype: torch.dtype) -> str:
+    """The key of the sm_90 table: dtype, the head-dim work width, and the sequence's power-of-two bucket
+    (16 .. 4096+), e.g. "bfloat16/d80/L64" for BLIP-2 OPT-2.7B captions."""
+    bucket = min(4096, _pow2_at_least_16(seq_len))
+    return f"{str(dtype).removeprefix('torch.')}/d{head_dim_work(head_dim)}/L{bucket}"
+
+
+@functools.cache
+def tuned_sm90() -> dict[str, tuple[int, ...]]:
+    """shape class -> tile tuple, from tuned_sm90.json (read once per process); empty when not measured."""
+    if not os.path.isfile(TUNED_SM90_FILE):
+        return {}
+    import json
+
+    with open(TUNED_SM90_FILE) as f:
+        data = json.load(f)
+    return {key: tuple(entry["tiles"]) for key, entry in data.get("classes", {}).items()}
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def candidate_config(
+    tiles: tuple[int, ...],
+    batch: int,
+    heads: int,
+    seq_len: int,
+    prefix_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> KernelConfig:
+    """The KernelConfig of one SM90_CANDIDATES entry at this shape: tiles clamped to the sequence (keeping the
+    divisibility rules), the prefix tile and dprefix splits as in the heuristic."""
+    block_m, block_n, block_m1, block_n1, block_m2, block_n2, fwd_warps, bwd_warps, stages = tiles
+    seq_tile = _pow2_at_least_16(seq_len)
+    block_m, block_n1, block_m2 = (min(t, seq_tile) for t in (block_m, block_n1, block_m2))
+    block_n, block_m1, block_n2 = min(block_n, block_m), min(block_m1, block_n1), min(block_n2, block_m2)
+    block_p = min(64, _pow2_at_least_16(prefix_len))
+    n_prefix_tiles = max(1, triton.cdiv(prefix_len, block_p))
+    n_items = batch * triton.cdiv(seq_len, block_m1)
+    sms = _multiprocessor_count(device) if device.type == "cuda" else 4  # the interpreter: any small number
+    splits = max(1, min(n_items, triton.cdiv(4 * sms, heads * n_prefix_tiles)))
+    return KernelConfig(block_m, block_n, block_p, block_m1, block_n1, block_m2, block_n2, prefix_splits=splits,
+                        fwd_warps=fwd_warps, bwd_warps=bwd_warps, num_stages=stages)
+
+
+def config_tiles(cfg: KernelConfig) -> tuple[int, ...]:
+    """A config as an SM90_CANDIDATES-style tile tuple (the form tuned_sm90.json stores)."""
+    return (cfg.block_m, cfg.block_n, cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.fwd_warps,
+            cfg.bwd_warps, cfg.num_stages)
+
+
+def describe_launch(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    prefix_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, object]:
+    """What `prefix_attention` launches at this shape: the config, its source and the head-dim parts."""
+    device = torch.device(device)
+    cfg = default_config(batch, heads, seq_len, prefix_len, head_dim, dtype, device)
+    tuned = (device.type == "cuda" and _capability(device) == (9, 0)
+             and shape_class(seq_len, head_dim, dtype) in tuned_sm90())
+    block_d, block_d2, split = head_dim_parts(head_dim)
+    return {"config": dataclasses.asdict(cfg), "source": "tuned_sm90.json" if tuned else "heuristic",
+            "shape_class": shape_class(seq_len, head_dim, dtype), "block_d": block_d,
+            "block_d2": block_d2 if split else 0, "head_dim_work": head_dim_work(head_dim)}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -550,13 +550,18 @@ for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_d
     assert isinstance(getattr(tpa, name), triton.runtime.JITFunction), name
     setattr(tpa, name, Record(getattr(tpa, name)))
 torch.cuda.get_device_properties = lambda device: type("Props", (), {"multi_processor_count": 132})()
+tpa._capability = lambda device: (9, 0)
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8"}
 
 for spec in sys.argv[1:]:
-    batch, heads, seq_len, prefix_len, head_dim, dtype, causal, pad = spec.split(",")
+    batch, heads, seq_len, prefix_len, head_dim, dtype, causal, pad, *candidate = spec.split(",")
     batch, heads, seq_len, prefix_len, head_dim = map(int, (batch, heads, seq_len, prefix_len, head_dim))
     dtype, causal, pad = getattr(torch, dtype), causal == "causal", pad == "pad"
-    cfg = tpa.default_config(batch, heads, seq_len, prefix_len, head_dim, dtype, torch.device("cuda"))
+    shape = (batch, heads, seq_len, prefix_len, head_dim, dtype, torch.device("cuda"))
+    if candidate:  # "cand=i": the i-th sm_90 tile candidate instead of the default
+        cfg = tpa.candidate_config(tpa.SM90_CANDIDATES[int(candidate[0].removeprefix("cand="))], *shape)
+    else:
+        cfg = tpa.default_config(*shape)
     q = torch.zeros(batch, heads, seq_len, head_dim, dtype=dtype)
     prefix = torch.zeros(heads, prefix_len, head_dim, dtype=dtype)
     mask = torch.ones(batch, seq_len, dtype=torch.bool) if pad else None
@@ -595,6 +600,45 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("compiled")
+
+
+@pytest.mark.slow
+def test_sm90_candidates_compile_at_the_training_shapes():
+    # Every tile candidate `launchers/gpu_check.py tune` may pick, at the shapes training launches: BLIP-2
+    # OPT-2.7B (bf16, D = 80 as 64 + 16, causal, padded, 32 query + ~30 text tokens) and the Q-Former
+    # (12 heads x 64, 32 queries, bidirectional, fp16 as under autocast). A candidate that does not fit in
+    # shared memory or fails to compile must not reach a GPU's few minutes.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    specs = [f"16,32,64,8,80,bfloat16,causal,pad,cand={i}" for i in range(len(tpa.SM90_CANDIDATES))]
+    specs += [f"16,12,32,8,64,float16,bidir,pad,cand={i}" for i in range(len(tpa.SM90_CANDIDATES))]
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, *specs], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("compiled")
+
+
+def test_sm90_table_is_fixed_per_shape_class(monkeypatch, tmp_path):
+    # A measured entry for the class is used as is (no timing at run time); other classes keep the heuristic.
+    table = tmp_path / "tuned_sm90.json"
+    table.write_text(json.dumps({"classes": {"bfloat16/d80/L64": {"tiles": list(tpa.SM90_CANDIDATES[1])}}}))
+    monkeypatch.setattr(tpa, "TUNED_SM90_FILE", str(table))
+    monkeypatch.setattr(tpa, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(tpa, "_multiprocessor_count", lambda device: 132)
+    tpa.tuned_sm90.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        assert tpa.shape_class(50, 80, torch.bfloat16) == "bfloat16/d80/L64"
+        got = tpa.default_config(16, 32, 50, 8, 80, torch.bfloat16, cuda)
+        assert got == tpa.candidate_config(tpa.SM90_CANDIDATES[1], 16, 32, 50, 8, 80, torch.bfloat16, cuda)
+        assert (got.block_m, got.block_n, got.bwd_warps, got.num_stages) == (64, 64, 8, 3)
+        launch = tpa.describe_launch(16, 32, 50, 8, 80, torch.bfloat16, cuda)
+        assert launch["source"] == "tuned_sm90.json" and launch["head_dim_work"] == 80
+        other = tpa.default_config(4, 32, 1024, 32, 128, torch.bfloat16, cuda)
+        assert other == tpa._heuristic_config(4, 32, 1024, 32, 128, torch.bfloat16, cuda)
+        assert tpa.describe_launch(4, 32, 1024, 32, 128, torch.bfloat16, cuda)["source"] == "heuristic"
+    finally:
+        tpa.tuned_sm90.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------------
