@@ -89,7 +89,9 @@ def bench_shapes(quick: bool = False, dtype: str | None = None, feature_map: str
     shapes = [
         # BLIP-2 OPT-2.7B language model: hidden 2560 = 32 heads x 80; captions are short.
         *(BenchShape("blip2-opt2.7b", 64, 32, 64, p, 80, True, "bf16") for p in (8, 16)),
-        # BLIP-2 Q-Former self-attention: 12 heads x 64, 32 query tokens, bidirectional, kept in fp32.
+        # BLIP-2 Q-Former self-attention: 12 heads x 64, 32 query tokens, bidirectional, kept in fp32. Timed
+        # without dropout: the kernel has none, so in training with attention dropout (the 2.7B preset's 0.1)
+        # the hook runs these layers on the reference path and these rows describe eval / dropout-free runs.
         *(BenchShape("qformer", 64, 12, 32, p, 64, False, "fp32") for p in (8, 16)),
         # A 7B-class LM layer: 32 heads x 128.
         *(
@@ -512,6 +514,7 @@ def run_metadata(argv: list[str]) -> dict[str, object]:
         "timing": "triton.testing.do_bench: CUDA events, L2 flushed before every rep, median of reps after "
         "warm-up, measured twice (ms_median, ms_median_again); fwd + bwd",
         "check": "||got - ref|| / ||ref|| vs the float64 reference on upcast inputs; NaN/inf fails",
+        "qformer_rows": "attention dropout 0: with dropout (2.7B preset: 0.1) training uses the reference path",
     }
 
 
