@@ -29,6 +29,7 @@ per-head linear-attention memory) from the sequence parts of these kernels: `_at
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -44,6 +45,13 @@ LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are pre-m
 # ---------------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------------
+#
+# Head dim in two parts. A tile's width must be a power of two, so a head dim such as 80 (OPT-2.7B) or 96
+# is split into a power-of-two part [0, BLOCK_D) and a second part [BLOCK_D, BLOCK_D + BLOCK_D2) (80 = 64 + 16,
+# 96 = 64 + 32), each with its own tiles and dots: Q K^T is the sum of the two parts' dots, and P V, dK, dV, dQ
+# are computed per part. That is the matrix work of D itself, where padding 80 to one 128-wide tile would do
+# 1.6x. SPLIT is a compile-time flag: without it (D a power of two, or a split that would save nothing) the
+# second part's arguments are dummies that no code reads, and the compiler drops them.
 
 
 @triton.jit
@@ -54,19 +62,20 @@ def _load_rows(
     stride_r,
     n_rows,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    D_END: tl.constexpr,
     CHECK_ROWS: tl.constexpr,
 ):
-    # (rows, BLOCK_D) tile of a row-major (rows, HEAD_DIM) matrix; the head dim is padded to a power
-    # of two (80 -> 128) with zeros, which leaves every dot product unchanged.
+    # (rows, len(offs_d)) tile of a row-major (rows, HEAD_DIM) matrix. D_END is where this tile's head-dim
+    # columns end; past HEAD_DIM (a part padded to a power of two) the extra columns load as zeros, which
+    # leaves every dot product unchanged.
     ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
     if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
+        if D_END <= HEAD_DIM:
             tile = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
         else:
             tile = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     else:
-        if BLOCK_D == HEAD_DIM:
+        if D_END <= HEAD_DIM:
             tile = tl.load(ptrs)
         else:
             tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
@@ -82,10 +91,10 @@ def _store_rows(
     stride_r,
     n_rows,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    D_END: tl.constexpr,
 ):
     ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
-    if BLOCK_D == HEAD_DIM:
+    if D_END <= HEAD_DIM:
         tl.store(ptrs, tile, mask=offs_r[:, None] < n_rows)
     else:
         tl.store(ptrs, tile, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
@@ -116,9 +125,11 @@ def _score_mask(
 @triton.jit
 def _attn_fwd_inner(
     acc,
+    acc2,
     l_i,
     m_i,
     q,
+    q2,
     k_base,
     v_base,
     stride_kn,
@@ -126,12 +137,15 @@ def _attn_fwd_inner(
     pad_base,
     offs_m,
     offs_d,
+    offs_d2,
     lo,
     hi,
     n_keys,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     CHECK_KEYS: tl.constexpr,
@@ -144,7 +158,11 @@ def _attn_fwd_inner(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM, BLOCK_D, CHECK_KEYS)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SPLIT:
+            k2 = _load_rows(k_base, offs_n, offs_d2, stride_kn, n_keys, HEAD_DIM, BLOCK_D + BLOCK_D2, CHECK_KEYS)
+            qk = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PRECISION)
+        qk = qk * qk_scale
         if CAUSAL or CHECK_KEYS or HAS_PAD:
             qk = tl.where(_score_mask(offs_m, offs_n, n_keys, pad_base, CAUSAL, CHECK_KEYS, HAS_PAD), qk, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -156,16 +174,22 @@ def _attn_fwd_inner(
         acc = acc * alpha[:, None]
         v = _load_rows(v_base, offs_n, offs_d, stride_vn, n_keys, HEAD_DIM, BLOCK_D, CHECK_KEYS)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if SPLIT:
+            acc2 = acc2 * alpha[:, None]
+            v2 = _load_rows(v_base, offs_n, offs_d2, stride_vn, n_keys, HEAD_DIM, BLOCK_D + BLOCK_D2, CHECK_KEYS)
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc2, input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
 def _attn_fwd_sequence(
     acc,
+    acc2,
     l_i,
     m_i,
     q,
+    q2,
     k_base,
     v_base,
     stride_kn,
@@ -173,11 +197,14 @@ def _attn_fwd_sequence(
     pad_base,
     offs_m,
     offs_d,
+    offs_d2,
     start_m,
     L,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -189,29 +216,29 @@ def _attn_fwd_sequence(
         # Keys left of this query block are visible to all of its rows; only the diagonal block
         # needs the causal mask (BLOCK_M is a multiple of BLOCK_N, so the ranges stay aligned).
         diag = start_m * BLOCK_M
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+        acc, acc2, l_i, m_i = _attn_fwd_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, offs_d2,
             0, diag, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_PAD, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, False, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+        acc, acc2, l_i, m_i = _attn_fwd_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, offs_d2,
             diag, tl.minimum(diag + BLOCK_M, L), L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, True, HAS_PAD, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, True, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
     else:
         l_full = (L // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+        acc, acc2, l_i, m_i = _attn_fwd_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, offs_d2,
             0, l_full, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_PAD, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, False, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+        acc, acc2, l_i, m_i = _attn_fwd_inner(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, offs_d2,
             l_full, L, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, True, HAS_PAD, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, True, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -222,6 +249,12 @@ def _finish_rows(acc, l_i, m_i):
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     return acc, lse
+
+
+@triton.jit
+def _normalise_rows(acc, l_i):
+    # The second head-dim part's share of _finish_rows.
+    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,6 +276,8 @@ def _attn_fwd(
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -265,31 +300,41 @@ def _attn_fwd(
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     q = _load_rows(q_base, offs_m, offs_d, stride_qm, L, HEAD_DIM, BLOCK_D, True)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    if SPLIT:
+        q2 = _load_rows(q_base, offs_m, offs_d2, stride_qm, L, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+    else:
+        q2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=q.dtype)  # never read
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Prefix tiles: full tiles unmasked, then the ragged last tile (P % BLOCK_P) with a bound check.
     p_full = (P // BLOCK_P) * BLOCK_P
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, pad_base, offs_m, offs_d,
+    acc, acc2, l_i, m_i = _attn_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, pk_base, pv_base, stride_pkn, stride_pvn, pad_base, offs_m, offs_d, offs_d2,
         0, p_full, P, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_P, False, False, False, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_P, False, False, False, DOT_PRECISION,
     )  # fmt: skip
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, pad_base, offs_m, offs_d,
+    acc, acc2, l_i, m_i = _attn_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, pk_base, pv_base, stride_pkn, stride_pvn, pad_base, offs_m, offs_d, offs_d2,
         p_full, P, P, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_P, False, True, False, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_P, False, True, False, DOT_PRECISION,
     )  # fmt: skip
 
-    acc, l_i, m_i = _attn_fwd_sequence(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, start_m, L, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_PAD, DOT_PRECISION,
+    acc, acc2, l_i, m_i = _attn_fwd_sequence(
+        acc, acc2, l_i, m_i, q, q2, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, offs_d2,
+        start_m, L, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M, BLOCK_N, CAUSAL, HAS_PAD, DOT_PRECISION,
     )  # fmt: skip
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    if SPLIT:
+        acc2 = _normalise_rows(acc2, l_i)
+        _store_rows(o_base, acc2.to(Out.dtype.element_ty), offs_m, offs_d2, stride_om, L, HEAD_DIM, BLOCK_D + BLOCK_D2)
     acc, lse = _finish_rows(acc, l_i, m_i)
     tl.store(LSE + off_bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
-    o_base = Out + off_b * stride_ob + off_h * stride_oh
     _store_rows(o_base, acc.to(Out.dtype.element_ty), offs_m, offs_d, stride_om, L, HEAD_DIM, BLOCK_D)
 
 
@@ -306,6 +351,8 @@ def _attn_bwd_preprocess(
     H, L,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # Delta_i = rowsum(O_i * dO_i) = sum_j P_ij dP_ij, the softmax-Jacobian term of dS.
@@ -314,11 +361,16 @@ def _attn_bwd_preprocess(
     off_h = (off_bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(Out + off_b * stride_ob + off_h * stride_oh, offs_m, offs_d, stride_om, L, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(
-        DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_dom, L, HEAD_DIM, BLOCK_D, True
-    )
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    o = _load_rows(o_base, offs_m, offs_d, stride_om, L, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(do_base, offs_m, offs_d, stride_dom, L, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        o2 = _load_rows(o_base, offs_m, offs_d2, stride_om, L, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+        do2 = _load_rows(do_base, offs_m, offs_d2, stride_dom, L, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+        delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), axis=1)
     tl.store(DELTA + off_bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
 
 
@@ -326,8 +378,12 @@ def _attn_bwd_preprocess(
 def _attn_bwd_dkdv_inner(
     dk,
     dv,
+    dk2,
+    dv2,
     k,
     v,
+    k2,
+    v2,
     key_real,
     q_base,
     do_base,
@@ -337,12 +393,15 @@ def _attn_bwd_dkdv_inner(
     stride_dom,
     offs_n,
     offs_d,
+    offs_d2,
     lo,
     hi,
     L,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M1: tl.constexpr,
     CAUSAL: tl.constexpr,
     CHECK_ROWS: tl.constexpr,
@@ -363,17 +422,26 @@ def _attn_bwd_dkdv_inner(
         else:
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.math.exp2(qk_t - lse[None, :])
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if SPLIT:
+            q2 = _load_rows(q_base, offs_m, offs_d2, stride_qm, L, HEAD_DIM, BLOCK_D + BLOCK_D2, CHECK_ROWS)
+            do2 = _load_rows(do_base, offs_m, offs_d2, stride_dom, L, HEAD_DIM, BLOCK_D + BLOCK_D2, CHECK_ROWS)
+            qk_t = tl.dot(k2, tl.trans(q2), qk_t, input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if CAUSAL:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         if HAS_PAD:
             p_t = tl.where(key_real[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if SPLIT:
+            dv2 = tl.dot(p_t.to(do2.dtype), do2, dv2, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    return dk, dv
+        if SPLIT:
+            dk2 = tl.dot(ds_t.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
+    return dk, dv, dk2, dv2
 
 
 @triton.jit
@@ -390,6 +458,8 @@ def _attn_bwd_dkdv(
     qk_scale, scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M1: tl.constexpr,
     BLOCK_N1: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -404,11 +474,20 @@ def _attn_bwd_dkdv(
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base = LSE + off_bh.to(tl.int64) * L
     delta_base = DELTA + off_bh.to(tl.int64) * L
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
 
     offs_n = start_n + tl.arange(0, BLOCK_N1)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, offs_d, stride_kn, L, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, offs_d, stride_vn, L, HEAD_DIM, BLOCK_D, True)
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kn, L, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(v_base, offs_n, offs_d, stride_vn, L, HEAD_DIM, BLOCK_D, True)
+    if SPLIT:
+        k2 = _load_rows(k_base, offs_n, offs_d2, stride_kn, L, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+        v2 = _load_rows(v_base, offs_n, offs_d2, stride_vn, L, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+    else:
+        k2 = tl.zeros([BLOCK_N1, BLOCK_D2], dtype=k.dtype)  # never read
+        v2 = tl.zeros([BLOCK_N1, BLOCK_D2], dtype=v.dtype)
     if HAS_PAD:
         # A padded key is attended by nobody: its P column is zero, so its dK and dV are zero.
         key_real = tl.load(PAD + off_b * stride_padb + offs_n, mask=offs_n < L, other=0) != 0
@@ -416,44 +495,50 @@ def _attn_bwd_dkdv(
         key_real = offs_n >= 0
     dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N1, BLOCK_D2], dtype=tl.float32)
+    dv2 = tl.zeros([BLOCK_N1, BLOCK_D2], dtype=tl.float32)
 
     m_full = (L // BLOCK_M1) * BLOCK_M1
     if CAUSAL:
         # Queries before start_n never see these keys. The diagonal band [start_n, start_n + BLOCK_N1)
         # needs the causal mask; below it, full query blocks need no mask and the ragged tail a bound.
         after_diag = start_n + BLOCK_N1
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            offs_n, offs_d, start_n, tl.minimum(after_diag, L), L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M1, True, True, HAS_PAD, DOT_PRECISION,
+        dk, dv, dk2, dv2 = _attn_bwd_dkdv_inner(
+            dk, dv, dk2, dv2, k, v, k2, v2, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            offs_n, offs_d, offs_d2, start_n, tl.minimum(after_diag, L), L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M1, True, True, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            offs_n, offs_d, after_diag, m_full, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M1, False, False, HAS_PAD, DOT_PRECISION,
+        dk, dv, dk2, dv2 = _attn_bwd_dkdv_inner(
+            dk, dv, dk2, dv2, k, v, k2, v2, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            offs_n, offs_d, offs_d2, after_diag, m_full, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M1, False, False, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            offs_n, offs_d, tl.maximum(after_diag, m_full), L, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M1, False, True, HAS_PAD, DOT_PRECISION,
+        dk, dv, dk2, dv2 = _attn_bwd_dkdv_inner(
+            dk, dv, dk2, dv2, k, v, k2, v2, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            offs_n, offs_d, offs_d2, tl.maximum(after_diag, m_full), L, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M1, False, True, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
     else:
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            offs_n, offs_d, 0, m_full, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M1, False, False, HAS_PAD, DOT_PRECISION,
+        dk, dv, dk2, dv2 = _attn_bwd_dkdv_inner(
+            dk, dv, dk2, dv2, k, v, k2, v2, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            offs_n, offs_d, offs_d2, 0, m_full, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M1, False, False, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            offs_n, offs_d, m_full, L, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M1, False, True, HAS_PAD, DOT_PRECISION,
+        dk, dv, dk2, dv2 = _attn_bwd_dkdv_inner(
+            dk, dv, dk2, dv2, k, v, k2, v2, key_real, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            offs_n, offs_d, offs_d2, m_full, L, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M1, False, True, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
 
-    dk = dk * scale
-    _store_rows(DK + off_b * stride_dkb + off_h * stride_dkh, dk.to(DK.dtype.element_ty), offs_n, offs_d,
-                stride_dkn, L, HEAD_DIM, BLOCK_D)  # fmt: skip
-    _store_rows(DV + off_b * stride_dvb + off_h * stride_dvh, dv.to(DV.dtype.element_ty), offs_n, offs_d,
-                stride_dvn, L, HEAD_DIM, BLOCK_D)  # fmt: skip
+    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
+    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    _store_rows(dk_base, (dk * scale).to(DK.dtype.element_ty), offs_n, offs_d, stride_dkn, L, HEAD_DIM, BLOCK_D)
+    _store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, offs_d, stride_dvn, L, HEAD_DIM, BLOCK_D)
+    if SPLIT:
+        _store_rows(dk_base, (dk2 * scale).to(DK.dtype.element_ty), offs_n, offs_d2, stride_dkn, L, HEAD_DIM,
+                    BLOCK_D + BLOCK_D2)  # fmt: skip
+        _store_rows(dv_base, dv2.to(DV.dtype.element_ty), offs_n, offs_d2, stride_dvn, L, HEAD_DIM,
+                    BLOCK_D + BLOCK_D2)  # fmt: skip
 
 
 @triton.jit
@@ -468,6 +553,8 @@ def _attn_bwd_dprefix(
     qk_scale, scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M1: tl.constexpr,
     BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -480,11 +567,20 @@ def _attn_bwd_dprefix(
     split = tl.program_id(2)
     offs_n = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     k = _load_rows(PK + off_h * stride_pkh, offs_n, offs_d, stride_pkn, P, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(PV + off_h * stride_pvh, offs_n, offs_d, stride_pvn, P, HEAD_DIM, BLOCK_D, True)
+    if SPLIT:
+        k2 = _load_rows(PK + off_h * stride_pkh, offs_n, offs_d2, stride_pkn, P, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+        v2 = _load_rows(PV + off_h * stride_pvh, offs_n, offs_d2, stride_pvn, P, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+    else:
+        k2 = tl.zeros([BLOCK_P, BLOCK_D2], dtype=k.dtype)  # never read
+        v2 = tl.zeros([BLOCK_P, BLOCK_D2], dtype=v.dtype)
     no_pad = offs_n >= 0
     dk = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_P, BLOCK_D2], dtype=tl.float32)
+    dv2 = tl.zeros([BLOCK_P, BLOCK_D2], dtype=tl.float32)
 
     first = split * items_per_split
     last = tl.minimum(first + items_per_split, total_items)
@@ -492,25 +588,30 @@ def _attn_bwd_dprefix(
         off_b = (item // n_q_blocks).to(tl.int64)
         start_m = (item % n_q_blocks) * BLOCK_M1
         off_bh = off_b * H + off_h
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, no_pad,
+        dk, dv, dk2, dv2 = _attn_bwd_dkdv_inner(
+            dk, dv, dk2, dv2, k, v, k2, v2, no_pad,
             Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
             LSE + off_bh * L, DELTA + off_bh * L, stride_qm, stride_dom,
-            offs_n, offs_d, start_m, start_m + BLOCK_M1, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M1, False, True, False, DOT_PRECISION,
+            offs_n, offs_d, offs_d2, start_m, start_m + BLOCK_M1, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M1, False, True, False, DOT_PRECISION,
         )  # fmt: skip
 
-    dk = dk * scale
     part = (split.to(tl.int64) * H + off_h) * P * HEAD_DIM
-    _store_rows(DPK_PART + part, dk, offs_n, offs_d, HEAD_DIM, P, HEAD_DIM, BLOCK_D)
+    _store_rows(DPK_PART + part, dk * scale, offs_n, offs_d, HEAD_DIM, P, HEAD_DIM, BLOCK_D)
     _store_rows(DPV_PART + part, dv, offs_n, offs_d, HEAD_DIM, P, HEAD_DIM, BLOCK_D)
+    if SPLIT:
+        _store_rows(DPK_PART + part, dk2 * scale, offs_n, offs_d2, HEAD_DIM, P, HEAD_DIM, BLOCK_D + BLOCK_D2)
+        _store_rows(DPV_PART + part, dv2, offs_n, offs_d2, HEAD_DIM, P, HEAD_DIM, BLOCK_D + BLOCK_D2)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
     dq,
+    dq2,
     q,
+    q2,
     do,
+    do2,
     lse,
     delta,
     k_base,
@@ -520,12 +621,15 @@ def _attn_bwd_dq_inner(
     pad_base,
     offs_m,
     offs_d,
+    offs_d2,
     lo,
     hi,
     n_keys,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr,
     CHECK_KEYS: tl.constexpr,
@@ -537,21 +641,32 @@ def _attn_bwd_dq_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N2)
         k = _load_rows(k_base, offs_n, offs_d, stride_kn, n_keys, HEAD_DIM, BLOCK_D, CHECK_KEYS)
         v = _load_rows(v_base, offs_n, offs_d, stride_vn, n_keys, HEAD_DIM, BLOCK_D, CHECK_KEYS)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SPLIT:
+            k2 = _load_rows(k_base, offs_n, offs_d2, stride_kn, n_keys, HEAD_DIM, BLOCK_D + BLOCK_D2, CHECK_KEYS)
+            v2 = _load_rows(v_base, offs_n, offs_d2, stride_vn, n_keys, HEAD_DIM, BLOCK_D + BLOCK_D2, CHECK_KEYS)
+            qk = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if CAUSAL or CHECK_KEYS or HAS_PAD:
             p = tl.where(_score_mask(offs_m, offs_n, n_keys, pad_base, CAUSAL, CHECK_KEYS, HAS_PAD), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if SPLIT:
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+        if SPLIT:
+            dq2 = tl.dot(ds.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
+    return dq, dq2
 
 
 @triton.jit
 def _attn_bwd_dq_sequence(
     dq,
+    dq2,
     q,
+    q2,
     do,
+    do2,
     lse,
     delta,
     k_base,
@@ -561,11 +676,14 @@ def _attn_bwd_dq_sequence(
     pad_base,
     offs_m,
     offs_d,
+    offs_d2,
     start_m,
     L,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -574,29 +692,29 @@ def _attn_bwd_dq_sequence(
 ):
     # dQ contributions of the sequence keys for the query rows [start_m, start_m + BLOCK_M2).
     if CAUSAL:
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            0, start_m, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N2, False, False, HAS_PAD, DOT_PRECISION,
+        dq, dq2 = _attn_bwd_dq_inner(
+            dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            offs_d2, 0, start_m, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N2, False, False, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            start_m, tl.minimum(start_m + BLOCK_M2, L), L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N2, True, True, HAS_PAD, DOT_PRECISION,
+        dq, dq2 = _attn_bwd_dq_inner(
+            dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            offs_d2, start_m, tl.minimum(start_m + BLOCK_M2, L), L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N2, True, True, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
     else:
         l_full = (L // BLOCK_N2) * BLOCK_N2
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            0, l_full, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N2, False, False, HAS_PAD, DOT_PRECISION,
+        dq, dq2 = _attn_bwd_dq_inner(
+            dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            offs_d2, 0, l_full, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N2, False, False, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
-            l_full, L, L, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N2, False, True, HAS_PAD, DOT_PRECISION,
+        dq, dq2 = _attn_bwd_dq_inner(
+            dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d,
+            offs_d2, l_full, L, L, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N2, False, True, HAS_PAD, DOT_PRECISION,
         )  # fmt: skip
-    return dq
+    return dq, dq2
 
 
 @triton.jit
@@ -614,6 +732,8 @@ def _attn_bwd_dq(
     qk_scale, scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -630,35 +750,46 @@ def _attn_bwd_dq(
     pk_base = PK + off_h * stride_pkh
     pv_base = PV + off_h * stride_pvh
     pad_base = PAD + off_b * stride_padb
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
 
     offs_m = start_m + tl.arange(0, BLOCK_M2)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qm, L, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(
-        DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_dom, L, HEAD_DIM, BLOCK_D, True
-    )
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qm, L, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(do_base, offs_m, offs_d, stride_dom, L, HEAD_DIM, BLOCK_D, True)
+    if SPLIT:
+        q2 = _load_rows(q_base, offs_m, offs_d2, stride_qm, L, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+        do2 = _load_rows(do_base, offs_m, offs_d2, stride_dom, L, HEAD_DIM, BLOCK_D + BLOCK_D2, True)
+    else:
+        q2 = tl.zeros([BLOCK_M2, BLOCK_D2], dtype=q.dtype)  # never read
+        do2 = tl.zeros([BLOCK_M2, BLOCK_D2], dtype=do.dtype)
     lse = tl.load(LSE + off_bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=float("inf"))
     delta = tl.load(DELTA + off_bh.to(tl.int64) * L + offs_m, mask=offs_m < L, other=0.0)
     dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M2, BLOCK_D2], dtype=tl.float32)
 
     p_full = (P // BLOCK_P) * BLOCK_P
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, pk_base, pv_base, stride_pkn, stride_pvn, pad_base, offs_m, offs_d,
-        0, p_full, P, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_P, False, False, False, DOT_PRECISION,
+    dq, dq2 = _attn_bwd_dq_inner(
+        dq, dq2, q, q2, do, do2, lse, delta, pk_base, pv_base, stride_pkn, stride_pvn, pad_base, offs_m, offs_d,
+        offs_d2, 0, p_full, P, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_P, False, False, False, DOT_PRECISION,
     )  # fmt: skip
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, pk_base, pv_base, stride_pkn, stride_pvn, pad_base, offs_m, offs_d,
-        p_full, P, P, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_P, False, True, False, DOT_PRECISION,
+    dq, dq2 = _attn_bwd_dq_inner(
+        dq, dq2, q, q2, do, do2, lse, delta, pk_base, pv_base, stride_pkn, stride_pvn, pad_base, offs_m, offs_d,
+        offs_d2, p_full, P, P, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_P, False, True, False, DOT_PRECISION,
     )  # fmt: skip
-    dq = _attn_bwd_dq_sequence(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, start_m, L, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, HAS_PAD, DOT_PRECISION,
+    dq, dq2 = _attn_bwd_dq_sequence(
+        dq, dq2, q, q2, do, do2, lse, delta, k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_d, offs_d2,
+        start_m, L, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M2, BLOCK_N2, CAUSAL, HAS_PAD, DOT_PRECISION,
     )  # fmt: skip
-    dq = dq * scale
-    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, dq.to(DQ.dtype.element_ty), offs_m, offs_d,
-                stride_dqm, L, HEAD_DIM, BLOCK_D)  # fmt: skip
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    _store_rows(dq_base, (dq * scale).to(DQ.dtype.element_ty), offs_m, offs_d, stride_dqm, L, HEAD_DIM, BLOCK_D)
+    if SPLIT:
+        _store_rows(dq_base, (dq2 * scale).to(DQ.dtype.element_ty), offs_m, offs_d2, stride_dqm, L, HEAD_DIM,
+                    BLOCK_D + BLOCK_D2)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -699,6 +830,24 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
+def head_dim_parts(head_dim: int) -> tuple[int, int, bool]:
+    """(BLOCK_D, BLOCK_D2, SPLIT): the head dim as a power-of-two part plus, where that saves work over one
+    padded power-of-two tile, a second power-of-two part (80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16). Every
+    part is at least 16 wide (tl.dot's minimum). Without a split BLOCK_D2 is a 16-wide dummy no code reads."""
+    whole = _pow2_at_least_16(head_dim)
+    first = max(16, 1 << (max(head_dim, 1).bit_length() - 1))  # the largest power of two <= D, at least 16
+    rest = head_dim - first
+    if rest > 0 and first + _pow2_at_least_16(rest) < whole:
+        return first, _pow2_at_least_16(rest), True
+    return whole, 16, False
+
+
+def head_dim_work(head_dim: int) -> int:
+    """The head-dim width the kernels' dots run at: D itself for 80 (64 + 16) or 96, 128 for 112 or 128."""
+    block_d, block_d2, split = head_dim_parts(head_dim)
+    return block_d + (block_d2 if split else 0)
+
+
 @functools.cache
 def _multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -713,17 +862,34 @@ def default_config(
     dtype: torch.dtype,
     device: torch.device,
 ) -> KernelConfig:
-    """Heuristic tile sizes for sm_80 / sm_90.
+    """Tile sizes: on sm_90 the measured choice for the shape class where `tuned_sm90.json` has one (see
+    `shape_class`), else the heuristic below (sm_80 / sm_90).
 
-    Checked by compiling every kernel for sm_90a offline (ptxas -v, no GPU at hand): these choices fit
-    in shared memory and do not spill registers (a few bytes at most) for D in {64, 80, 128} in bf16 /
-    fp16 / fp32 at the benchmark shapes. Not timed on hardware yet.
+    The heuristic is checked by compiling every kernel for sm_90a offline (ptxas -v, no GPU at hand): its
+    choices fit in shared memory and do not spill registers (a few bytes at most) for D in {64, 80, 128} in
+    bf16 / fp16 / fp32 at the benchmark shapes. Not timed on hardware yet.
     """
+    if device.type == "cuda" and _capability(device) == (9, 0):
+        tiles = tuned_sm90().get(shape_class(seq_len, head_dim, dtype))
+        if tiles is not None:
+            return candidate_config(tiles, batch, heads, seq_len, prefix_len, head_dim, dtype, device)
+    return _heuristic_config(batch, heads, seq_len, prefix_len, head_dim, dtype, device)
+
+
+def _heuristic_config(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    prefix_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> KernelConfig:
     if device.type != "cuda":
         # Interpreter: the smallest tiles, so that tiny test shapes still cross several blocks.
         n_q_blocks = triton.cdiv(seq_len, 16)
         return KernelConfig(16, 16, 16, 16, 16, 16, 16, prefix_splits=max(1, min(3, batch * n_q_blocks)))
-    wide = _pow2_at_least_16(head_dim) >= 128  # D = 80 runs as 128
+    wide = head_dim_work(head_dim) > 64  # D = 80 runs as 64 + 16, D = 96 as 64 + 32
     seq_tile = _pow2_at_least_16(seq_len)
     block_p = min(64, _pow2_at_least_16(prefix_len))
     if dtype == torch.float32 and wide:
@@ -753,6 +919,103 @@ def default_config(
         bwd_warps=4 if dtype == torch.float32 else 8,
         num_stages=2 if dtype == torch.float32 else 3,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# sm_90: a fixed, measured choice of tiles per shape class
+# ---------------------------------------------------------------------------------------------------
+#
+# Not triton.autotune: its choice is made anew in every process, by timing, so two runs of one recipe could
+# launch different tiles (and sum in different orders). Instead `launchers/gpu_check.py tune` times every
+# candidate below on an H100 / H200 for each shape class used in training, and writes the fastest per class
+# to tuned_sm90.json beside this file; that file is committed, and every later run reads the same choice.
+# A class without an entry (or no file: nothing has been measured yet) uses the heuristic.
+
+# Tile candidates for 16-bit inputs: (block_m, block_n, block_m1, block_n1, block_m2, block_n2, fwd_warps,
+# bwd_warps, num_stages), each clamped to the sequence like the heuristic. Compiled for sm_90a offline at the
+# training shapes by tests/kernels/test_prefix_attention.py (shared memory within 227 KiB).
+SM90_CANDIDATES: tuple[tuple[int, ...], ...] = (
+    (64, 32, 16, 64, 64, 16, 4, 4, 2),
+    (64, 64, 32, 64, 64, 32, 4, 8, 3),
+    (128, 64, 32, 64, 128, 32, 8, 8, 3),
+    (128, 64, 32, 128, 128, 32, 8, 8, 2),
+)
+TUNED_SM90_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_sm90.json")
+
+
+def shape_class(seq_len: int, head_dim: int, dtype: torch.dtype) -> str:
+    """The key of the sm_90 table: dtype, the head-dim work width, and the sequence's power-of-two bucket
+    (16 .. 4096+), e.g. "bfloat16/d80/L64" for BLIP-2 OPT-2.7B captions."""
+    bucket = min(4096, _pow2_at_least_16(seq_len))
+    return f"{str(dtype).removeprefix('torch.')}/d{head_dim_work(head_dim)}/L{bucket}"
+
+
+@functools.cache
+def tuned_sm90() -> dict[str, tuple[int, ...]]:
+    """shape class -> tile tuple, from tuned_sm90.json (read once per process); empty when not measured."""
+    if not os.path.isfile(TUNED_SM90_FILE):
+        return {}
+    import json
+
+    with open(TUNED_SM90_FILE) as f:
+        data = json.load(f)
+    return {key: tuple(entry["tiles"]) for key, entry in data.get("classes", {}).items()}
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def candidate_config(
+    tiles: tuple[int, ...],
+    batch: int,
+    heads: int,
+    seq_len: int,
+    prefix_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> KernelConfig:
+    """The KernelConfig of one SM90_CANDIDATES entry at this shape: tiles clamped to the sequence (keeping the
+    divisibility rules), the prefix tile and dprefix splits as in the heuristic."""
+    block_m, block_n, block_m1, block_n1, block_m2, block_n2, fwd_warps, bwd_warps, stages = tiles
+    seq_tile = _pow2_at_least_16(seq_len)
+    block_m, block_n1, block_m2 = (min(t, seq_tile) for t in (block_m, block_n1, block_m2))
+    block_n, block_m1, block_n2 = min(block_n, block_m), min(block_m1, block_n1), min(block_n2, block_m2)
+    block_p = min(64, _pow2_at_least_16(prefix_len))
+    n_prefix_tiles = max(1, triton.cdiv(prefix_len, block_p))
+    n_items = batch * triton.cdiv(seq_len, block_m1)
+    sms = _multiprocessor_count(device) if device.type == "cuda" else 4  # the interpreter: any small number
+    splits = max(1, min(n_items, triton.cdiv(4 * sms, heads * n_prefix_tiles)))
+    return KernelConfig(block_m, block_n, block_p, block_m1, block_n1, block_m2, block_n2, prefix_splits=splits,
+                        fwd_warps=fwd_warps, bwd_warps=bwd_warps, num_stages=stages)
+
+
+def config_tiles(cfg: KernelConfig) -> tuple[int, ...]:
+    """A config as an SM90_CANDIDATES-style tile tuple (the form tuned_sm90.json stores)."""
+    return (cfg.block_m, cfg.block_n, cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.fwd_warps,
+            cfg.bwd_warps, cfg.num_stages)
+
+
+def describe_launch(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    prefix_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, object]:
+    """What `prefix_attention` launches at this shape: the config, its source and the head-dim parts."""
+    device = torch.device(device)
+    cfg = default_config(batch, heads, seq_len, prefix_len, head_dim, dtype, device)
+    tuned = (device.type == "cuda" and _capability(device) == (9, 0)
+             and shape_class(seq_len, head_dim, dtype) in tuned_sm90())
+    block_d, block_d2, split = head_dim_parts(head_dim)
+    return {"config": dataclasses.asdict(cfg), "source": "tuned_sm90.json" if tuned else "heuristic",
+            "shape_class": shape_class(seq_len, head_dim, dtype), "block_d": block_d,
+            "block_d2": block_d2 if split else 0, "head_dim_work": head_dim_work(head_dim)}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -855,6 +1118,11 @@ def _check_inputs(
         _require(key_padding_mask.device == q.device, f"key_padding_mask is on {key_padding_mask.device}")
 
 
+def _d_parts(head_dim: int) -> dict[str, int | bool]:
+    block_d, block_d2, split = head_dim_parts(head_dim)
+    return {"BLOCK_D": block_d, "BLOCK_D2": block_d2, "SPLIT": split}
+
+
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -900,7 +1168,7 @@ def _forward(
         *_strides3(o),
         heads, seq_len, prefix_len,
         scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_pow2_at_least_16(head_dim),
+        HEAD_DIM=head_dim, **_d_parts(head_dim),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_p,
         CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.fwd_warps, num_stages=cfg.num_stages,
@@ -930,7 +1198,7 @@ def _backward(
     prefix_len = prefix_k.shape[1]
     if do.stride(-1) != 1:
         do = do.contiguous()
-    block_d = _pow2_at_least_16(head_dim)
+    parts = _d_parts(head_dim)
     precision = _dot_precision(q.dtype)
     qk_scale = scale * LOG2E
     has_pad = key_padding_mask is not None
@@ -940,7 +1208,7 @@ def _backward(
     delta = _empty_like(lse)
     _attn_bwd_preprocess[(triton.cdiv(seq_len, _PRE_BLOCK_M), batch * heads)](
         o, do, delta, *_strides3(o), *_strides3(do), heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_PRE_BLOCK_M,
+        HEAD_DIM=head_dim, **parts, BLOCK_M=_PRE_BLOCK_M,
     )  # fmt: skip
 
     dq = dk = dv = dpk = dpv = None
@@ -953,7 +1221,7 @@ def _backward(
             s_padb,
             heads, seq_len,
             qk_scale, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1,
+            HEAD_DIM=head_dim, **parts, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1,
             CAUSAL=causal, HAS_PAD=has_pad, DOT_PRECISION=precision,
             num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -973,7 +1241,7 @@ def _backward(
                 heads, seq_len, prefix_len,
                 n_q_blocks, total_items, items_per_split,
                 qk_scale, scale,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M1=cfg.block_m1, BLOCK_P=cfg.block_p,
+                HEAD_DIM=head_dim, **parts, BLOCK_M1=cfg.block_m1, BLOCK_P=cfg.block_p,
                 DOT_PRECISION=precision,
                 num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
@@ -989,7 +1257,7 @@ def _backward(
             s_padb,
             heads, seq_len, prefix_len,
             qk_scale, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
+            HEAD_DIM=head_dim, **parts, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
             BLOCK_P=cfg.block_p, CAUSAL=causal, HAS_PAD=has_pad, DOT_PRECISION=precision,
             num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -1105,8 +1373,9 @@ def prefix_attention(
     Gradients not required (`requires_grad=False`) are not computed.
 
     Supported: fp16, bf16, fp32 (fp32 uses TF32 tensor cores only when
-    `torch.get_float32_matmul_precision()` is not "highest"); head dims up to 128 (non powers of two,
-    e.g. 80, are padded to the next power of two inside the kernel); any L and P. Runs on CUDA
+    `torch.get_float32_matmul_precision()` is not "highest"); head dims up to 128 (a non power of two runs
+    as two power-of-two parts where that saves work, 80 = 64 + 16 and 96 = 64 + 32, else padded: 112 as
+    128; see `head_dim_parts`); any L and P. Runs on CUDA
     tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before import;
     slow, for tests). Raises ValueError, before launching anything, on any shape / dtype / device /
     layout violation; it never falls back to the reference silently.

@@ -10,6 +10,7 @@ per fingerprint) that later runs reuse.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from pathlib import Path
 
@@ -71,14 +72,46 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def blip2_inputs_from_image_embeds(base: nn.Module, image_embeds: torch.Tensor) -> dict:
-    """BLIP-2's get_image_features from step 2 on (Q-Former, projection), for ``mm_encoder_outputs``."""
+def blip2_image_features(base: nn.Module, image_embeds: torch.Tensor) -> BaseModelOutputWithVisionQformerOutputs:
+    """BLIP-2's get_image_features from step 2 on (Q-Former, projection), from cached vision-encoder outputs."""
     image_attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
     query_tokens = base.query_tokens.expand(image_embeds.shape[0], -1, -1)
     qformer_outputs = base.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
                                    encoder_attention_mask=image_attention_mask, return_dict=True)
     query_output = qformer_outputs[0].to(image_embeds.dtype)
     features = base.language_projection(query_output)
-    image = BaseModelOutputWithVisionQformerOutputs(last_hidden_state=image_embeds, pooler_output=features,
-                                                    qformer_outputs=qformer_outputs)
-    return {"pixel_values": None, "mm_encoder_outputs": {"image": image}}
+    return BaseModelOutputWithVisionQformerOutputs(last_hidden_state=image_embeds, pooler_output=features,
+                                                   qformer_outputs=qformer_outputs)
+
+
+def takes_mm_encoder_outputs(base: nn.Module) -> bool:
+    """Whether this transformers' BLIP-2 forward accepts precomputed image features (``mm_encoder_outputs``,
+    added after 5.17; the H200 image has 5.17)."""
+    return "mm_encoder_outputs" in inspect.signature(type(base).forward).parameters
+
+
+def blip2_forward_with_image_features(base: nn.Module, image: BaseModelOutputWithVisionQformerOutputs,
+                                      batch: dict):
+    """``base(**batch)`` with the image features given instead of computed from ``pixel_values``.
+
+    Newer transformers take them as ``mm_encoder_outputs``. Older ones (5.17) have no such argument: their
+    forward always calls ``self.get_image_features(pixel_values, ...)``, which would run the vision tower
+    with no pixels ("You have to specify pixel_values"). There, an instance attribute shadows
+    ``get_image_features`` for this one call and returns the given features; it is removed afterwards, so
+    generation and uncached batches see the class's own method.
+    """
+    batch = {k: v for k, v in batch.items() if k != "pixel_values"}
+    if takes_mm_encoder_outputs(base):
+        return base(pixel_values=None, mm_encoder_outputs={"image": image}, **batch)
+    if "get_image_features" in vars(base):
+        raise RuntimeError("blip2_forward_with_image_features: get_image_features is already overridden "
+                           "on this model (a nested call?)")
+
+    def get_image_features(*args, **kwargs) -> BaseModelOutputWithVisionQformerOutputs:
+        return image
+
+    base.get_image_features = get_image_features
+    try:
+        return base(pixel_values=None, **batch)
+    finally:
+        del base.get_image_features

@@ -9,7 +9,8 @@ Two paths: the reference (concatenate prefix K/V in front, SDPA with an explicit
 kernel of ``ptscale_kernels``, which reads the (H, P, D) prefix in-kernel. The choice is logged once;
 ``PTSCALE_ATTENTION=triton`` where the kernel cannot run is an error, never a silent fallback. The
 reference path also serves what the kernel does not: grouped-query attention (the prefix lives on the
-KV heads and is repeated like them), decoding with a KV cache (q_len != kv_len), attention dropout, and
+KV heads and is repeated like them), decoding with a KV cache (q_len != kv_len), attention dropout, masks
+that are neither causal nor key padding (checked once per mask tensor, logged once), and
 T5's additive relative-position bias (``position_bias``: it covers the sequence keys; prefix keys, which
 have no position, get none).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +130,15 @@ def reference_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: to
 
 _backend_logged: set[str] = set()
 
+# (variant, path) -> number of prefix-attention calls served by it since the last reset: the benchmarks report
+# which share of the layers the kernel really served (attention dropout in training, for one, sends a layer
+# to the reference path). A host-side dict increment per call; never read by the hook itself.
+served: dict[tuple[str, str], int] = {}
+
+
+def _served(variant: str, path: str) -> None:
+    served[(variant, path)] = served.get((variant, path), 0) + 1
+
 
 def _log_once(key: str, msg: str) -> None:
     if key not in _backend_logged:
@@ -184,13 +195,49 @@ def choose_backend(query: torch.Tensor, dropout: float, *, variant: str = "class
     return "triton"
 
 
+NOT_KEY_PADDING = "a mask that is neither causal nor key padding"
+
+
 def _key_padding(query: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
-    """(B, L) key padding from a (B|1, 1, L, L) sequence mask that is causal and/or padding only."""
+    """(B, L) key padding from a (B|1, 1, L|1, L) sequence mask that is causal and/or padding only.
+
+    The kernels take only a key padding mask (plus their own causal flag), so the mask must be exactly that:
+    callers check ``_mask_is_key_padding`` first and send anything else (a block-diagonal or prefix-LM
+    mask, per-row holes) to the reference path."""
     if mask is None:
         return None
     # The last query row of a causal mask (bottom-right aligned) sees every unpadded key.
     key_padding = mask[:, 0, -1, :] if causal else mask[:, 0, 0, :]
     return key_padding.expand(query.shape[0], -1)
+
+
+# id(mask) -> (weakref to it, its version counter, causal, verdict). transformers builds one mask per forward
+# and hands the same tensor to every layer, so the comparison below (a device sync) runs once per forward and
+# mask, not once per layer.
+_mask_verdicts: dict[int, tuple[weakref.ref, int, bool, bool]] = {}
+
+
+def _mask_is_key_padding(query: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> bool:
+    """True when ``mask`` equals the causal (if ``causal``) and key-padding mask that ``_key_padding`` reads
+    from it, i.e. when the kernels' (key_padding_mask, causal) describes it exactly."""
+    if mask is None:
+        return True
+    entry = _mask_verdicts.get(id(mask))
+    if entry is not None and entry[0]() is mask and entry[1] == mask._version and entry[2] == causal:
+        return entry[3]
+    key_padding = _key_padding(query, mask, causal)
+    q_len, kv_len = query.shape[2], mask.shape[-1]
+    want = key_padding[:, None, None, :]
+    if causal and q_len > 1:
+        i = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+        want = want & (torch.arange(kv_len, device=mask.device)[None, :] <= i)
+    shape = (query.shape[0], 1, q_len, kv_len)
+    verdict = bool(torch.equal(mask.expand(shape), want.expand(shape)))
+    if len(_mask_verdicts) > 16:  # drop entries whose mask is gone
+        for key in [k for k, v in _mask_verdicts.items() if v[0]() is None]:
+            del _mask_verdicts[key]
+    _mask_verdicts[id(mask)] = (weakref.ref(mask), mask._version, causal, verdict)
+    return verdict
 
 
 def _kernel_call(module, query, key, value, pk, pv, mask, scaling, *, causal: bool | None = None) -> torch.Tensor:
@@ -228,10 +275,15 @@ def _plus_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
                       else "an additive position bias" if kwargs.get("position_bias") is not None else None)
     if outside_kernel is None and choose_backend(query, dropout, variant="plus") == "triton":
         mask = sequence_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, causal=causal)
-        return _plus_kernel_call(query, key, value, prefix, mask, scaling, causal).transpose(1, 2).contiguous()
-    if outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
+        if _mask_is_key_padding(query, mask, causal):
+            _served("plus", "triton")
+            return _plus_kernel_call(query, key, value, prefix, mask, scaling, causal).transpose(1, 2).contiguous()
+        _log_once(f"plus:outside:{NOT_KEY_PADDING}", f"Prefix-Tuning+ attention: torch path for {NOT_KEY_PADDING} "
+                                                    "(the Triton kernel does not cover it)")
+    elif outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
         _log_once(f"plus:outside:{outside_kernel}", f"Prefix-Tuning+ attention: torch path for {outside_kernel} "
                                                    "(the Triton kernel does not cover it)")
+    _served("plus", "reference")
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                     dropout=dropout, **kwargs)
     return out + memory_term(query, prefix, scaling).transpose(1, 2)
@@ -262,12 +314,18 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                       else "grouped-query attention" if query.shape[1] != key.shape[1]
                       else "an additive position bias" if bias is not None else None)
     if outside_kernel is None and choose_backend(query, dropout) == "triton":
-        out = _kernel_call(module, query, key, value, pk, pv, mask, scaling, causal=causal)
-    else:
-        if outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
-            _log_once(f"outside:{outside_kernel}",
-                      f"prefix attention: reference path for {outside_kernel} (the Triton kernel does not cover it)")
-        out = reference_prefix_attention(query, key, value, pk, pv, mask, scaling, dropout, bias=bias)
+        if _mask_is_key_padding(query, mask, causal):
+            _served("classic", "triton")
+            out = _kernel_call(module, query, key, value, pk, pv, mask, scaling, causal=causal)
+            return out.transpose(1, 2).contiguous(), None
+        # The kernel was chosen (auto or forced) but cannot express this mask: say so once, whatever the setting.
+        _log_once(f"outside:{NOT_KEY_PADDING}",
+                  f"prefix attention: reference path for {NOT_KEY_PADDING} (the Triton kernel does not cover it)")
+    elif outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
+        _log_once(f"outside:{outside_kernel}",
+                  f"prefix attention: reference path for {outside_kernel} (the Triton kernel does not cover it)")
+    _served("classic", "reference")
+    out = reference_prefix_attention(query, key, value, pk, pv, mask, scaling, dropout, bias=bias)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -87,10 +87,11 @@ class PrefixTunedModel(nn.Module):
         ``pixel_values``; BLIP-2 then runs from its Q-Former on."""
         self._activate()
         if image_embeds is not None:
-            from ptscale.models.feature_cache import blip2_inputs_from_image_embeds
+            from ptscale.models.feature_cache import blip2_forward_with_image_features, blip2_image_features
 
             with gathered(list(self.base.parameters(recurse=False))):
-                batch.update(blip2_inputs_from_image_embeds(self.base, image_embeds))
+                image = blip2_image_features(self.base, image_embeds)
+            return blip2_forward_with_image_features(self.base, image, batch)
         return self.base(**batch)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import os
 import random
 import subprocess
@@ -22,6 +23,7 @@ import ptscale_kernels
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from ptscale_kernels import (
     KernelConfig,
     prefix_attention,
@@ -485,6 +487,27 @@ def test_bench_methods_and_check_run_on_cpu(bench):
     )
 
 
+def test_bench_check_fails_on_nan_anywhere(bench, monkeypatch):
+    # Python's max() skips a NaN unless it comes first; the check must not.
+    assert bench.worst_error({"ours_err_o": 1e-6, "ours_err_dq": float("nan"), "peft_err_o": 0.0}, "ours") == math.inf
+    assert bench.worst_error({"ours_err_o": 2e-6, "ours_err_dq": 1e-6}, "ours") == 2e-6
+    assert bench.rel_error(torch.tensor([1.0, float("nan")]), torch.ones(2)) == math.inf
+    assert bench.rel_error(None, torch.ones(2)) == math.inf
+    # A kernel that leaves one element of one output NaN fails the shape's check.
+    shape = bench.BenchShape("tiny", 1, 2, 9, 3, 16, True, "fp32")
+    inputs = bench.make_inputs(shape, torch.device("cpu"))
+    real = bench.prefix_attention
+
+    def leaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out + torch.zeros_like(out).index_put_((torch.tensor([0]),) * 4, torch.tensor([float("nan")]))
+
+    monkeypatch.setattr(bench, "prefix_attention", leaky)
+    errors = bench.check_shape(inputs, shape)
+    assert errors["ours_err_o"] == math.inf and bench.worst_error(errors, "ours") == math.inf
+    assert bench.worst_error(errors, "peft") < 1e-5
+
+
 def test_bench_refuses_to_run_without_cuda(bench, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--quick", "--check"]) == 2
@@ -527,13 +550,18 @@ for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_d
     assert isinstance(getattr(tpa, name), triton.runtime.JITFunction), name
     setattr(tpa, name, Record(getattr(tpa, name)))
 torch.cuda.get_device_properties = lambda device: type("Props", (), {"multi_processor_count": 132})()
+tpa._capability = lambda device: (9, 0)
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8"}
 
 for spec in sys.argv[1:]:
-    batch, heads, seq_len, prefix_len, head_dim, dtype, causal, pad = spec.split(",")
+    batch, heads, seq_len, prefix_len, head_dim, dtype, causal, pad, *candidate = spec.split(",")
     batch, heads, seq_len, prefix_len, head_dim = map(int, (batch, heads, seq_len, prefix_len, head_dim))
     dtype, causal, pad = getattr(torch, dtype), causal == "causal", pad == "pad"
-    cfg = tpa.default_config(batch, heads, seq_len, prefix_len, head_dim, dtype, torch.device("cuda"))
+    shape = (batch, heads, seq_len, prefix_len, head_dim, dtype, torch.device("cuda"))
+    if candidate:  # "cand=i": the i-th sm_90 tile candidate instead of the default
+        cfg = tpa.candidate_config(tpa.SM90_CANDIDATES[int(candidate[0].removeprefix("cand="))], *shape)
+    else:
+        cfg = tpa.default_config(*shape)
     q = torch.zeros(batch, heads, seq_len, head_dim, dtype=dtype)
     prefix = torch.zeros(heads, prefix_len, head_dim, dtype=dtype)
     mask = torch.ones(batch, seq_len, dtype=torch.bool) if pad else None
@@ -572,3 +600,88 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("compiled")
+
+
+@pytest.mark.slow
+def test_sm90_candidates_compile_at_the_training_shapes():
+    # Every tile candidate `launchers/gpu_check.py tune` may pick, at the shapes training launches: BLIP-2
+    # OPT-2.7B (bf16, D = 80 as 64 + 16, causal, padded, 32 query + ~30 text tokens) and the Q-Former
+    # (12 heads x 64, 32 queries, bidirectional, fp16 as under autocast). A candidate that does not fit in
+    # shared memory or fails to compile must not reach a GPU's few minutes.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    specs = [f"16,32,64,8,80,bfloat16,causal,pad,cand={i}" for i in range(len(tpa.SM90_CANDIDATES))]
+    specs += [f"16,12,32,8,64,float16,bidir,pad,cand={i}" for i in range(len(tpa.SM90_CANDIDATES))]
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, *specs], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("compiled")
+
+
+def test_sm90_table_is_fixed_per_shape_class(monkeypatch, tmp_path):
+    # A measured entry for the class is used as is (no timing at run time); other classes keep the heuristic.
+    table = tmp_path / "tuned_sm90.json"
+    table.write_text(json.dumps({"classes": {"bfloat16/d80/L64": {"tiles": list(tpa.SM90_CANDIDATES[1])}}}))
+    monkeypatch.setattr(tpa, "TUNED_SM90_FILE", str(table))
+    monkeypatch.setattr(tpa, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(tpa, "_multiprocessor_count", lambda device: 132)
+    tpa.tuned_sm90.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        assert tpa.shape_class(50, 80, torch.bfloat16) == "bfloat16/d80/L64"
+        got = tpa.default_config(16, 32, 50, 8, 80, torch.bfloat16, cuda)
+        assert got == tpa.candidate_config(tpa.SM90_CANDIDATES[1], 16, 32, 50, 8, 80, torch.bfloat16, cuda)
+        assert (got.block_m, got.block_n, got.bwd_warps, got.num_stages) == (64, 64, 8, 3)
+        launch = tpa.describe_launch(16, 32, 50, 8, 80, torch.bfloat16, cuda)
+        assert launch["source"] == "tuned_sm90.json" and launch["head_dim_work"] == 80
+        other = tpa.default_config(4, 32, 1024, 32, 128, torch.bfloat16, cuda)
+        assert other == tpa._heuristic_config(4, 32, 1024, 32, 128, torch.bfloat16, cuda)
+        assert tpa.describe_launch(4, 32, 1024, 32, 128, torch.bfloat16, cuda)["source"] == "heuristic"
+    finally:
+        tpa.tuned_sm90.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------------
+# head dim 80 (OPT-2.7B) runs as 64 + 16, not padded to 128
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_head_dim_parts():
+    assert tpa.head_dim_parts(80) == (64, 16, True) and tpa.head_dim_work(80) == 80
+    assert tpa.head_dim_parts(96) == (64, 32, True) and tpa.head_dim_work(96) == 96
+    assert tpa.head_dim_parts(64)[::2] == (64, False) and tpa.head_dim_work(64) == 64
+    assert tpa.head_dim_work(112) == 128  # 64 + 64 would save nothing over one 128-wide tile
+    for d in range(1, 129):
+        block_d, block_d2, split = tpa.head_dim_parts(d)
+        for width in (block_d, block_d2):
+            assert width >= 16 and width & (width - 1) == 0, (d, width)  # tl.dot / tl.arange need these
+        work = tpa.head_dim_work(d)
+        assert d <= work <= max(16, triton.next_power_of_2(d)), d
+        assert not split or work < triton.next_power_of_2(d), d  # a split only where it saves work
+
+
+def test_head_dim_80_launches_do_80_wide_work(monkeypatch, poisoned):
+    # Every launch of the forward and the four backward kernels at D = 80 runs its dots over 64 + 16 columns
+    # (the FLOPs of D = 80), and the result still matches the float64 reference (NaN-poisoned outputs: the
+    # second part's columns must be written too).
+    launches = []
+
+    class Record:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.__name__, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dprefix", "_attn_bwd_dq"):
+        monkeypatch.setattr(tpa, name, Record(getattr(tpa, name)))
+    monkeypatch.setattr(tpa, "_interpreting", lambda: True)  # it looks for the interpreted _attn_fwd, now wrapped
+    _check_case(Case(2, 2, 21, 5, 80, True, True), seed=80)
+    assert len(launches) == 5
+    for name, kwargs in launches:
+        assert kwargs["HEAD_DIM"] == 80 and kwargs["SPLIT"] is True, name
+        assert kwargs["BLOCK_D"] + kwargs["BLOCK_D2"] == 80, name
