@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from ptscale.checkpoint import list_checkpoints, read_checkpoint
 from ptscale.config import RunConfig, load_recipe
@@ -30,13 +31,23 @@ class LoadedRun:
     checkpoint: Path
 
 
+def legacy_overrides(recipe: Path) -> list[str]:
+    """Settings whose default changed since a run was saved, pinned to what that run trained with: a recipe.yaml
+    without ``prefix.positions`` predates the option, when the real tokens kept positions 0..L-1."""
+    raw = yaml.safe_load(recipe.read_text()) or {}
+    prefix = raw.get("prefix") if isinstance(raw, dict) else None
+    if isinstance(prefix, dict) and "positions" not in prefix:
+        return ["prefix.positions=keep"]
+    return []
+
+
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_precision: bool = False) -> LoadedRun:
     """``full_precision``: load the base weights unquantised even when the run trained on a quantised base
     (``model.quantization``): exports merge and save against the original weights, as QLoRA does."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no recipe.yaml; point at a run directory written by launchers/train.py")
-    cfg = load_recipe(run_dir / "recipe.yaml")
+    cfg = load_recipe(run_dir / "recipe.yaml", legacy_overrides(run_dir / "recipe.yaml"))
     found = [Path(checkpoint)] if checkpoint else list_checkpoints(run_dir / "checkpoints")
     if not found:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run killed before "

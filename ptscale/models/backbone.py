@@ -65,6 +65,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def backbone_digest(path: str | Path) -> str:
+    """Hex sha256 of a backbone directory's weight files (``*.safetensors`` / ``*.bin`` at its top level), their
+    bytes hashed one after another in sorted name order. Identifies the exact base an export or a resume needs
+    (config and tokenizer files are not part of it). A single-file checkpoint's digest is the plain sha256 of
+    ``model.safetensors``: the value the default backbone's :data:`MARKER` records."""
+    path = Path(path)
+    found = path.iterdir() if path.is_dir() else ()
+    files = sorted(f for f in found if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{path}: no weight files (*.safetensors, *.bin) to digest")
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def is_complete(directory: Path) -> bool:
     """True when the marker exists and the weights match its checksum (a torn or edited cache is not)."""
     marker = directory / MARKER
