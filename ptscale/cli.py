@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import resources
 from pathlib import Path
 
-DEFAULT_DS = Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"
+# package data (ptscale/ds_configs; the checkout's top-level ds_configs/ links to it): found after `pip install .`
+DEFAULT_DS = Path(str(resources.files("ptscale").joinpath("ds_configs", "zero3.json")))
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -44,8 +44,8 @@ def language_model(base: torch.nn.Module) -> torch.nn.Module:
 
 
 def lm_prefix_kv(model: PrefixTunedModel) -> torch.Tensor:
-    """The ``language_model`` prefix as static keys/values (layers, 2, heads, P, head_dim), fp32 on the CPU: the
-    encoder's output (the folded form), whatever the model's encoder."""
+    """The ``language_model`` prefix as static keys/values (layers, 2, heads, P, head_dim) on the CPU, at least fp32
+    (float64 stays float64): the encoder's output (the folded form), whatever the model's encoder."""
     if model.kind != "classic":
         raise PeftPrefixError("prefix.kind=plus has no PEFT counterpart (its memory is outside the softmax)")
     if LM_TARGET not in model.prefixes:
@@ -55,7 +55,8 @@ def lm_prefix_kv(model: PrefixTunedModel) -> torch.Tensor:
                               "BLIP-2 with OPT) have PEFT prefix-tuning counterparts here")
     module = model.prefixes[LM_TARGET]
     with torch.no_grad(), gathered(list(module.parameters())):
-        return module().detach().to("cpu", torch.float32).contiguous()
+        kv = module().detach().to("cpu")
+    return (kv if kv.dtype == torch.float64 else kv.float()).contiguous()
 
 
 def peft_prefix_config(model: PrefixTunedModel, *, base_model_name_or_path: str | None = None) -> dict[str, Any]:
@@ -108,7 +109,8 @@ def read_peft_prefix(adapter_dir: str | Path) -> torch.Tensor:
     with safe_open(str(weights), framework="pt") as f:
         if PROMPT_KEY not in f.keys():
             raise PeftPrefixError(f"{weights}: no {PROMPT_KEY!r} tensor (keys: {sorted(f.keys())})")
-        flat = f.get_tensor(PROMPT_KEY).float()
+        flat = f.get_tensor(PROMPT_KEY)
+    flat = flat if flat.dtype == torch.float64 else flat.float()
     length, layers, token_dim, heads = (cfg["num_virtual_tokens"], cfg["num_layers"], cfg["token_dim"],
                                         cfg["num_attention_heads"])
     if flat.shape != (length, layers * 2 * token_dim):
@@ -149,5 +151,6 @@ def prefixed_from_peft(base: torch.nn.Module, adapter_dir: str | Path, *, positi
     model = PrefixTunedModel(base, PrefixConfig(lengths={LM_TARGET: kv.shape[3]}, encoder="none",
                                                 positions=positions), freeze_base=freeze_base)
     model.fold_prefixes()
+    model.prefixes.to(torch.float64 if kv.dtype == torch.float64 else torch.float32)  # the adapter's precision
     load_peft_prefix(model, adapter_dir)
     return model
