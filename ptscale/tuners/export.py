@@ -63,7 +63,8 @@ def _lora_layers(model: PrefixTunedModel) -> dict[str, LoraLayer]:
     found = {n[len(BASE_PREFIX):]: m for n, m in model.named_modules()
              if isinstance(m, LoraLayer) and n.startswith(BASE_PREFIX)}
     if not found:
-        raise ExportError("the model has no LoRA layers (inject_lora was not called)")
+        raise ExportError("the model has no LoRA layers (the run trained no LoRA, or inject_lora was not called); "
+                          "nothing to write with --peft")
     return found
 
 
