@@ -50,5 +50,5 @@ def test_installed_wheel_finds_recipe_and_ds_config(wheel, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}  # the installed copy, not the checkout
     out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    module, ds, stage, _ = out.stdout.split(maxsplit=3)
+    module, ds, stage, _ = out.stdout.strip().splitlines()[-1].split(maxsplit=3)  # DeepSpeed may log before it
     assert module.startswith(str(target)) and ds.startswith(str(target)) and stage == "3"
