@@ -197,3 +197,36 @@ def test_merged_export_refuses_adapters(tiny_backbone, tmp_path):
     with pytest.raises(ExportError, match="adapters, which cannot be merged"):
         export_merged(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_backbone_digest(tiny_backbone, tmp_path):
+    """The sha256 of the weight files: for one model.safetensors, the plain file hash (what the default
+    backbone's marker records); another weight changes it; a directory without weights is an error."""
+    import hashlib
+
+    from ptscale.models.backbone import backbone_digest
+
+    base, _, _ = tiny_backbone
+    base.save_pretrained(tmp_path / "a")
+    digest = backbone_digest(tmp_path / "a")
+    assert digest == hashlib.sha256((tmp_path / "a" / "model.safetensors").read_bytes()).hexdigest()
+    with torch.no_grad():
+        base.language_model.lm_head.weight[0, 0] += 1.0
+    base.save_pretrained(tmp_path / "b")
+    assert backbone_digest(tmp_path / "b") != digest
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        backbone_digest(tmp_path / "empty")
+
+
+def test_runs_saved_before_prefix_positions_reload_with_keep(tmp_path):
+    """A recipe.yaml without prefix.positions was trained with positions 0..L-1: reloading must not shift them."""
+    from ptscale.config import load_recipe
+    from ptscale.runs import legacy_overrides
+
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text("prefix: {lengths: {qformer: 8, language_model: 8}}\n")
+    new.write_text("prefix: {lengths: {qformer: 8, language_model: 8}, positions: shift}\n")
+    assert load_recipe(old, legacy_overrides(old)).prefix.positions == "keep"
+    assert load_recipe(new, legacy_overrides(new)).prefix.positions == "shift"
+    assert load_recipe(old).prefix.positions == "shift"  # the default for new recipes
