@@ -225,8 +225,9 @@ def test_runs_saved_before_prefix_positions_reload_with_keep(tmp_path):
     from ptscale.runs import legacy_overrides
 
     old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
-    old.write_text("prefix: {lengths: {qformer: 8, language_model: 8}}\n")
-    new.write_text("prefix: {lengths: {qformer: 8, language_model: 8}, positions: shift}\n")
+    stages = "stages: [{train: [prefix], steps: 1}]\n"
+    old.write_text(stages + "prefix: {lengths: {qformer: 8, language_model: 8}}\n")
+    new.write_text(stages + "prefix: {lengths: {qformer: 8, language_model: 8}, positions: shift}\n")
     assert load_recipe(old, legacy_overrides(old)).prefix.positions == "keep"
     assert load_recipe(new, legacy_overrides(new)).prefix.positions == "shift"
     assert load_recipe(old).prefix.positions == "shift"  # the default for new recipes
