@@ -13,11 +13,13 @@ import argparse
 import logging
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-DEFAULT_DS = Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"
+# package data (ptscale/ds_configs; the checkout's top-level ds_configs/ links to it): found after `pip install .`
+DEFAULT_DS = Path(str(resources.files("ptscale").joinpath("ds_configs", "zero3.json")))
 log = logging.getLogger("ptscale")
 
 

@@ -58,6 +58,9 @@ class PrefixConfig:
     type_embedding: bool = True  # the paper's prefix type embedding (appendix B.1, fig. 6; table 10 ablation)
     init_std: float = 0.02
     feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # kind=plus only: phi of the memory term
+    # position ids of the real tokens of a decoder-only LM with a language_model prefix of length P: shift = P..P+L-1
+    # (Li & Liang 2021, HF PEFT: the prefix occupies the first positions); keep = 0..L-1. README "Prefixes".
+    positions: Literal["shift", "keep"] = "shift"
 
 
 @dataclass

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ptscale.config import RunConfig, load_recipe, to_dict
 from ptscale.errors import RecipeError, RunDirError
 
@@ -33,10 +35,24 @@ class Resume:
     checkpoint: Path | None  # None: the run has no complete checkpoint (start it again in place)
 
 
-def load_run_recipe(run_dir: str | Path) -> RunConfig:
+def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """A run directory's saved recipe: every key was resolved when the run started, so none counts as chosen
-    for the plan (older runs saved their recipes without the resolved-recipe header)."""
-    return load_recipe(Path(run_dir) / RECIPE_FILE, user_file=False)
+    for the plan (older runs saved their recipes without the resolved-recipe header). Settings whose default
+    changed since are pinned to what the run trained with (``legacy_settings``)."""
+    path = Path(run_dir) / RECIPE_FILE
+    cfg = load_recipe(path, overrides, user_file=False)
+    for key, value in legacy_settings(path).items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def legacy_settings(recipe: Path) -> dict[str, object]:
+    """A recipe.yaml without ``prefix.positions`` predates the option, when the real tokens kept positions
+    0..L-1 (the default is now ``shift``)."""
+    raw = yaml.safe_load(recipe.read_text()) or {}
+    prefix = raw.get("prefix") if isinstance(raw, dict) else None
+    return {"prefix.positions": "keep"} if isinstance(prefix, dict) and "positions" not in prefix else {}
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -116,9 +132,8 @@ def resume_differences(saved: RunConfig, new: RunConfig) -> list[str]:
 def resumed_recipe(run_dir: Path, recipe: str | None, overrides: list[str]) -> RunConfig:
     """The recipe a resume runs: the run's saved recipe with the allowed overrides; a change to what the run
     trains is refused, naming every differing key with its old and new value."""
-    saved_path = run_dir / RECIPE_FILE
     saved = load_run_recipe(run_dir)
-    new = load_recipe(recipe, overrides) if recipe else load_recipe(saved_path, overrides, user_file=False)
+    new = load_recipe(recipe, overrides) if recipe else load_run_recipe(run_dir, overrides)
     if diffs := resume_differences(saved, new):
         raise RecipeError(f"--resume {run_dir}: the resume would change what the run trains; start a new run "
                           f"instead (a new run_name), or drop these settings: {'; '.join(diffs)} (a resume may "

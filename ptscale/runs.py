@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ptscale.checkpoint import list_checkpoints, read_checkpoint
-from ptscale.config import RunConfig, load_recipe
+from ptscale.config import RunConfig
 from ptscale.data.collate import CaptionCollator, make_collator
 from ptscale.errors import RecipeError, RunDirError
 from ptscale.models.backbone import Backbone, backbone_digest, default_backbone_dir, is_complete, load_backbone
@@ -20,7 +20,7 @@ from ptscale.models.build import build_model
 from ptscale.models.presets import uses_random_weights
 from ptscale.plans import prefixes_active
 from ptscale.prefix.model import PrefixTunedModel
-from ptscale.rundir import RECIPE_FILE, check_backbone
+from ptscale.rundir import RECIPE_FILE, check_backbone, load_run_recipe
 
 
 @dataclass
@@ -40,7 +40,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_
     if not (run_dir / RECIPE_FILE).is_file():
         what = "no such directory" if not run_dir.exists() else f"no {RECIPE_FILE} there"
         raise RunDirError(f"{run_dir}: {what}; point at a run directory written by launchers/train.py")
-    cfg = load_recipe(run_dir / RECIPE_FILE, user_file=False)
+    cfg = load_run_recipe(run_dir)
     found = [Path(checkpoint)] if checkpoint else list_checkpoints(run_dir / "checkpoints")
     if not found:
         raise RunDirError(f"{run_dir}: no complete checkpoint under checkpoints/ (was the run killed before "

@@ -65,6 +65,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def backbone_digest(path: str | Path) -> str:
+    """Hex sha256 of a backbone directory's weight files (``*.safetensors`` / ``*.bin`` at its top level), their
+    bytes hashed one after another in sorted name order. Identifies the exact base an export or a resume needs
+    (config and tokenizer files are not part of it). A single-file checkpoint's digest is the plain sha256 of
+    ``model.safetensors``: the value the default backbone's :data:`MARKER` records."""
+    path = Path(path)
+    found = path.iterdir() if path.is_dir() else ()
+    files = sorted(f for f in found if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{path}: no weight files (*.safetensors, *.bin) to digest")
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def is_complete(directory: Path) -> bool:
     """True when the marker exists and the weights match its checksum (a torn or edited cache is not)."""
     marker = directory / MARKER
@@ -194,25 +215,8 @@ class BackboneSource:
 SUPPORTED_MODEL_TYPES = ("blip-2",)
 
 
-def backbone_digest(path: str | Path) -> str:
-    """sha256 over a checkpoint directory's weight files (sorted by name; each file's name and bytes), the
-    identity a run records. The cached default's marker already holds its weights' checksum."""
-    path = Path(path)
-    marker = path / MARKER
-    if marker.is_file():
-        try:
-            return json.loads(marker.read_text())["sha256"]
-        except (ValueError, KeyError):
-            pass
-    h = hashlib.sha256()
-    for f in _weight_files(path):
-        h.update(f.name.encode())
-        h.update(_sha256(f).encode())
-    return h.hexdigest()
-
-
 def _weight_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or p.name.startswith("pytorch_model"))
+    return sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def check_checkpoint_dir(path: Path) -> None:

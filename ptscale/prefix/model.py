@@ -11,6 +11,12 @@ holds sequence keys only; the prefix is added on every call).
 (Prefix-Tuning+, holding the encoder as ``source``); :meth:`PrefixTunedModel.fold_prefixes` swaps
 each encoder for a :class:`FoldedPrefix`. Analysis switches (paper table 5): :meth:`prefixes_disabled`
 and :meth:`prefixes_replaced_by_noise`.
+
+The base model is frozen by default (``freeze_base=False`` to opt out): prefix-tuning trains the prefixes only.
+``cfg.positions`` numbers the real tokens of a decoder-only language model that carries a ``language_model``
+prefix of length P: ``shift`` (P..P+L-1, Li & Liang 2021 and HF PEFT, as if the prefix were the first P tokens)
+or ``keep`` (0..L-1). It is applied by a forward pre-hook on the LM's decoder stack, which offsets the
+``position_ids`` it receives (or would compute) by P; with the prefixes disabled nothing is shifted.
 """
 
 from __future__ import annotations
@@ -30,16 +36,57 @@ from ptscale.prefix.targets import PrefixHookError, check_reached, resolve
 
 __all__ = ["PrefixHookError", "PrefixTunedModel", "matched_norm_noise", "prefix_parameter_report"]
 
+LM_TARGET = "language_model"
+# Decoder-only LM families and how each numbers its tokens when no position_ids are given.
+CUMSUM_POSITIONS = ("opt",)  # from the attention mask: cumsum(mask) - 1, padding -1
+ARANGE_POSITIONS = ("llama", "qwen2")  # past length + arange(L), padding included
+
+
+def position_family(base: nn.Module) -> str | None:
+    """The decoder-only LM family whose positions ``prefix.positions`` governs, or None (T5, none)."""
+    cfg = base.config
+    if cfg.model_type == "blip-2":
+        if not cfg.use_decoder_only_language_model:
+            return None
+        cfg = cfg.text_config
+    return cfg.model_type if cfg.model_type in CUMSUM_POSITIONS + ARANGE_POSITIONS else None
+
+
+def default_position_ids(family: str, kwargs: dict) -> torch.Tensor:
+    """The position ids the decoder stack computes itself when given none (transformers 5.23's OPTDecoder,
+    LlamaModel, Qwen2Model), from the same keyword arguments."""
+    embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
+    x = embeds if embeds is not None else ids
+    cache = kwargs.get("past_key_values")
+    seen = cache.get_seq_length() if cache is not None else 0
+    length = x.shape[1]
+    if family in ARANGE_POSITIONS:
+        return (torch.arange(length, device=x.device) + seen).unsqueeze(0)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(x.shape[0], seen + length, device=x.device)
+    if mask.dim() != 2:
+        raise RuntimeError(f"prefix.positions=shift: a {mask.dim()}-D attention mask reached the {family} decoder; "
+                           "pass position_ids or a 2-D mask")
+    positions = (torch.cumsum(mask, dim=1) * mask - 1).long()
+    return positions[:, seen:]
+
 
 class PrefixTunedModel(nn.Module):
     """``base`` plus ``prefixes`` (a module per target). Parameter names start with ``base.`` or
     ``prefixes.``, which is what the parameter groups (``ptscale.models.groups``) match on."""
 
-    def __init__(self, base: nn.Module, cfg: PrefixConfig) -> None:
+    def __init__(self, base: nn.Module, cfg: PrefixConfig, *, freeze_base: bool = True) -> None:
+        """``freeze_base``: set ``requires_grad=False`` on every base parameter (the default: prefix-tuning trains
+        the prefixes only; a recipe's stages set the trainable groups themselves either way)."""
         super().__init__()
+        if freeze_base:
+            for p in base.parameters():
+                p.requires_grad_(False)
         self.base = base
         self.prefixes = nn.ModuleDict()
         self.kind = cfg.kind
+        self.positions = cfg.positions
         self._store = PrefixStore()
         self._noise_seed: int | None = None
         # Dormant prefixes take no part in any forward: a plan whose prefix stage comes later (X->prefix)
@@ -64,6 +111,37 @@ class PrefixTunedModel(nn.Module):
                                     type_embedding=cfg.type_embedding, init_std=cfg.init_std)
             self.prefixes[target.name] = (PlusPrefix(encoder, target.query_heads, cfg.feature_map)
                                           if cfg.kind == "plus" else encoder)
+        lm = next((t for t, _ in targets if t.name == LM_TARGET), None)
+        self._position_family = position_family(base) if lm is not None and cfg.kind == "classic" else None
+        if self._position_family is not None:
+            owner = lm.layers[0][0].rsplit(".layers.", 1)[0]  # the decoder stack that computes position ids
+            base.get_submodule(owner).register_forward_pre_hook(self._shift_positions, with_kwargs=True)
+
+    def lm_prefix_length(self) -> int:
+        """P of the ``language_model`` prefix (0 without one)."""
+        module = self.prefixes[LM_TARGET] if LM_TARGET in self.prefixes else None
+        return 0 if module is None else module.shape.length
+
+    def position_offset(self) -> int:
+        """What is added to the real tokens' position ids now: P under ``positions=shift`` with the prefixes
+        enabled, else 0."""
+        if self.positions != "shift" or self._position_family is None or not self._store.enabled or self.dormant:
+            return 0
+        return self.lm_prefix_length()
+
+    def _shift_positions(self, module: nn.Module, args: tuple, kwargs: dict):
+        offset = self.position_offset()
+        if not offset:
+            return None
+        if args:
+            raise RuntimeError(f"prefix.positions=shift: {type(module).__name__} was called with positional "
+                               "arguments; cannot find its position_ids")
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = default_position_ids(self._position_family, kwargs)
+        # Padding positions (OPT numbers them -1) stay as they are: PEFT leaves them there too, and they are masked.
+        kwargs["position_ids"] = torch.where(positions >= 0, positions + offset, positions)
+        return args, kwargs
 
     @property
     def config(self):

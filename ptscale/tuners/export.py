@@ -1,9 +1,18 @@
-"""Exports a trained PrefixTunedModel for use outside ptscale.
+"""Exports a trained PrefixTunedModel for use outside ptscale; every export says what it holds.
 
-- :func:`export_lora_peft`: the LoRA weights in PEFT's on-disk format, loadable with
-  ``PeftModel.from_pretrained(Blip2ForConditionalGeneration..., out_dir)`` (prefixes are not part of it).
-- :func:`export_merged`: LoRA merged into the weights, saved as a plain transformers model, with the prefixes
-  folded beside it in ``prefixes.safetensors``; :func:`load_merged` reads it back.
+- :func:`export_merged`: LoRA merged into the weights, saved as a plain transformers model in a subfolder
+  (``without_prefixes/`` when the model has prefixes, ``model/`` when it has none), the prefixes folded to static
+  keys/values beside it (``prefixes.safetensors`` + ``prefix_config.json``) and, for a decoder-only language
+  model, the LM prefix as one plain tensor (``lm_prefix.safetensors``, for a pre-filled ``DynamicCache``).
+  ``ptscale.from_pretrained(out_dir)`` reproduces the trained model; ``from_pretrained`` of the subfolder alone
+  gives base + LoRA without any prefix, which is why it is not at the top level.
+- :func:`export_lora_peft`: the LoRA weights in PEFT's on-disk format, with the folded prefixes beside them:
+  ``PeftModel.from_pretrained(base, out_dir)`` attaches the LoRA only; ``ptscale.from_pretrained(out_dir)``
+  attaches both.
+- ``ptscale.prefix.peft_interop.export_prefix_peft``: the LM prefix as a PEFT prefix-tuning adapter.
+
+Each export directory holds ``manifest.json`` (:func:`write_manifest`): what it contains, the base it needs
+(path and :func:`ptscale.models.backbone.backbone_digest`), what it does not reproduce on its own, how to load it.
 
 Under ZeRO-3 the module parameters are shards (local shape (0,)): pass already-gathered weights to
 ``export_lora_peft(state=...)``. ``export_merged`` needs every weight in one process, so it runs on a model
@@ -25,12 +34,13 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
-from transformers import Blip2ForConditionalGeneration
 
-from ptscale.config import LoraConfig, PrefixConfig
-from ptscale.prefix.model import PrefixTunedModel
+from ptscale.config import LoraConfig
+from ptscale.models.backbone import backbone_digest
+from ptscale.prefix.model import LM_TARGET, PrefixTunedModel, position_family
+from ptscale.prefix.peft_interop import lm_prefix_kv
 from ptscale.prefix.plus import PlusPrefix
-from ptscale.prefix.saving import load_prefixes, save_prefixes
+from ptscale.prefix.saving import save_prefixes
 from ptscale.tuners.adapter import has_adapters
 
 BASE_PREFIX = "base."  # PrefixTunedModel's name prefix of the transformers model
@@ -38,6 +48,10 @@ PEFT_PREFIX = "base_model.model."  # PeftModel's name prefix of the transformers
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX_FILE = "prefixes.safetensors"
 PREFIX_CONFIG_FILE = "prefix_config.json"  # the PrefixConfig fields that re-wrap the exported model
+LM_PREFIX_FILE = "lm_prefix.safetensors"  # the LM prefix as one (layers, 2, heads, P, head_dim) tensor "kv"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "ptscale-export/1"
+WITH_PREFIXES_DIR, NO_PREFIXES_DIR = "without_prefixes", "model"  # the merged transformers model's subfolder
 
 
 class ExportError(RuntimeError):
@@ -49,7 +63,8 @@ def _lora_layers(model: PrefixTunedModel) -> dict[str, LoraLayer]:
     found = {n[len(BASE_PREFIX):]: m for n, m in model.named_modules()
              if isinstance(m, LoraLayer) and n.startswith(BASE_PREFIX)}
     if not found:
-        raise ExportError("the model has no LoRA layers (inject_lora was not called)")
+        raise ExportError("the model has no LoRA layers (the run trained no LoRA, or inject_lora was not called); "
+                          "nothing to write with --peft")
     return found
 
 
@@ -73,13 +88,19 @@ def peft_config(layers: Mapping[str, LoraLayer], cfg: LoraConfig) -> PeftLoraCon
 
 def export_lora_peft(model: PrefixTunedModel, out_dir: str | Path, lora_cfg: LoraConfig, *,
                      state: Mapping[str, torch.Tensor] | None = None, adapter: str = "default",
-                     base_model_name_or_path: str | None = None) -> Path:
+                     base_model_name_or_path: str | Path | None = None, base_digest: str | None = None,
+                     source: Mapping[str, Any] | None = None) -> Path:
     """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` as ``PeftModel.save_pretrained`` does:
-    keys ``base_model.model.<module path in Blip2ForConditionalGeneration>.lora_{A,B}.weight`` (the adapter
-    name is not part of the key).
+    keys ``base_model.model.<module path in the transformers model>.lora_{A,B}.weight`` (the adapter name is not
+    part of the key); beside them the folded prefixes (``prefixes.safetensors`` + ``prefix_config.json``, which
+    PEFT ignores) and ``manifest.json``. ``PeftModel.from_pretrained(base, out_dir)`` attaches the LoRA alone;
+    ``ptscale.from_pretrained(out_dir)`` attaches LoRA and prefixes.
 
     ``state``: full tensors by this model's parameter names (``base....lora_A.default.weight``), e.g.
-    gathered under ZeRO-3; every LoRA parameter must be in it. Without it the module parameters are read.
+    gathered under ZeRO-3; every LoRA parameter must be in it. Without it the module parameters are read (then the
+    prefixes are read too: under ZeRO-3 they are gathered).
+    ``base_model_name_or_path``: recorded in adapter_config.json (``AutoPeftModel`` loads the base from it) and in
+    the manifest with ``base_digest`` (computed from the directory when not given).
     """
     layers = _lora_layers(model)
     _check_lora_config(layers, lora_cfg, adapter)
@@ -99,12 +120,32 @@ def export_lora_peft(model: PrefixTunedModel, out_dir: str | Path, lora_cfg: Lor
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = peft_config(layers, lora_cfg)
-    cfg.base_model_name_or_path = base_model_name_or_path
+    cfg.base_model_name_or_path = None if base_model_name_or_path is None else str(base_model_name_or_path)
     cfg.inference_mode = True  # as PeftModel.save_pretrained writes it; from_pretrained(is_trainable=True) resets it
     # as PeftModel.save_pretrained records it: lets AutoPeftModel find the base class from base_model_name_or_path
     cfg.auto_mapping = {"base_model_class": type(model.base).__name__, "parent_library": type(model.base).__module__}
     cfg.save_pretrained(str(out))
     save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    files = {"adapter_config.json": "PEFT LoRA config", PEFT_WEIGHTS: f"LoRA weights ({len(layers)} layers)"}
+    files.update(_write_folded_prefixes(model, out))
+    has_prefix = _has_prefixes(model)
+    base = base_info(model, base_model_name_or_path, base_digest)
+    peft_load = (f"PeftModel.from_pretrained({base['class']}.from_pretrained(BASE), {str(out)!r})  "
+                 "# LoRA only" + (", WITHOUT the prefixes" if has_prefix else ""))
+    not_included = ["the base weights (load them from base.name_or_path; check base.sha256)"]
+    warnings = []
+    if has_prefix:
+        not_included.append("PEFT applies the LoRA only: the prefixes beside it (prefixes.safetensors) are ignored "
+                            "by PeftModel.from_pretrained / AutoPeftModel")
+        warnings.append("PeftModel.from_pretrained on this directory does NOT reproduce the trained model: it "
+                        f"loads the LoRA without the prefixes ({_targets_text(model)}). Use "
+                        f"ptscale.from_pretrained({str(out)!r}), or export --merged")
+    manifest = _manifest(
+        "peft-lora", model, files=files, base=base, needs_base=True,
+        reproduces={"ptscale.from_pretrained": True, "peft.PeftModel.from_pretrained": not has_prefix},
+        not_included=not_included, warnings=warnings, source=source,
+        load={"ptscale": f"ptscale.from_pretrained({str(out)!r})", "peft": peft_load})
+    write_manifest(out, manifest)
     return out
 
 
@@ -143,7 +184,7 @@ def _prefix_config(model: PrefixTunedModel) -> dict[str, Any]:
     ``encoder="none"`` because folding replaces the encoder anyway (the cheapest one to build)."""
     feature_maps = {m.feature_map for m in model.prefixes.values() if isinstance(m, PlusPrefix)}
     fields: dict[str, Any] = {"lengths": {t: m.shape.length for t, m in model.prefixes.items()},
-                              "kind": model.kind, "encoder": "none"}
+                              "kind": model.kind, "encoder": "none", "positions": model.positions}
     if feature_maps:
         (fields["feature_map"],) = feature_maps  # one PrefixConfig, one feature map for every target
     return fields
@@ -170,11 +211,14 @@ def _check_unpartitioned(model: nn.Module) -> None:
 
 
 def export_merged(model: PrefixTunedModel, out_dir: str | Path, tokenizer: Any = None,
-                  image_processor: Any = None) -> Path:
-    """Saves the transformers model with LoRA merged into its weights (``model.safetensors`` + config, loadable by
-    ``Blip2ForConditionalGeneration.from_pretrained``), the prefixes folded to static keys/values in
-    ``prefixes.safetensors`` (``ptscale.prefix.saving`` format) with ``prefix_config.json`` to re-wrap them
-    (:func:`load_merged`), and the tokenizer / image processor if given.
+                  image_processor: Any = None, *, base_model_name_or_path: str | Path | None = None,
+                  base_digest: str | None = None, source: Mapping[str, Any] | None = None) -> Path:
+    """Saves the transformers model with LoRA merged into its weights (``save_pretrained``: ``model.safetensors``
+    + config, and the tokenizer / image processor if given) in the subfolder ``without_prefixes/`` (``model/``
+    when the model has no prefixes), the prefixes folded to static keys/values in ``prefixes.safetensors``
+    (``ptscale.prefix.saving`` format) with ``prefix_config.json`` to re-wrap them, the LM prefix of a
+    decoder-only LM as a plain tensor in ``lm_prefix.safetensors``, and ``manifest.json``.
+    ``ptscale.from_pretrained(out_dir)`` reproduces the model; the subfolder alone is base + LoRA only.
 
     The model itself is not modified (LoRA stays unmerged, prefixes unfolded). Sequential and parallel
     adapters cannot be merged: they apply a nonlinearity (``W x + U f(D W x)`` is not ``W' x`` for any ``W'``),
@@ -186,26 +230,188 @@ def export_merged(model: PrefixTunedModel, out_dir: str | Path, tokenizer: Any =
     _check_unpartitioned(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    has_prefix = _has_prefixes(model)
+    sub = WITH_PREFIXES_DIR if has_prefix else NO_PREFIXES_DIR
     # save_pretrained consumes the dict it is given (it pops tensors while writing shards).
-    model.base.save_pretrained(str(out), state_dict=merged_state_dict(model.base))
-    if len(model.prefixes):
-        (out / PREFIX_CONFIG_FILE).write_text(json.dumps(_prefix_config(model), indent=2, sort_keys=True))
-        with _folded_prefixes(model):
-            save_prefixes(model, out / PREFIX_FILE)
+    model.base.save_pretrained(str(out / sub), state_dict=merged_state_dict(model.base))
     for extra in (tokenizer, image_processor):
         if extra is not None:
-            extra.save_pretrained(str(out))
+            extra.save_pretrained(str(out / sub))
+    cls = type(model.base).__name__
+    has_lora = any(isinstance(m, LoraLayer) for m in model.modules())
+    files = {f"{sub}/": f"{cls} ({'base with LoRA merged' if has_lora else 'base'}"
+                        f"{', WITHOUT the prefixes' if has_prefix else ''}; transformers from_pretrained)"}
+    files.update(_write_folded_prefixes(model, out))
+    lm_only = set(model.prefixes) <= {LM_TARGET}
+    cache_ok = False
+    if has_prefix and LM_TARGET in model.prefixes and model.kind == "classic" and position_family(model.base):
+        save_file({"kv": lm_prefix_kv(model)}, str(out / LM_PREFIX_FILE),
+                  metadata={"format": "ptscale-lm-prefix/1", "layout": "(layers, 2: key/value, kv_heads, P, head_dim)",
+                            "positions": model.positions})
+        files[LM_PREFIX_FILE] = ("the language-model prefix as one tensor 'kv' (layers, 2, kv_heads, P, head_dim), "
+                                 "for a pre-filled DynamicCache (README)")
+        cache_ok = lm_only and model.positions == "shift"
+    base = base_info(model, base_model_name_or_path, base_digest)
+    load = {"ptscale": f"ptscale.from_pretrained({str(out)!r})",
+            "transformers": f"{cls}.from_pretrained({str(out / sub)!r})" + ("  # WITHOUT the prefixes" if has_prefix
+                                                                             else "")}
+    not_included = []
+    warnings = []
+    if has_prefix:
+        not_included.append(f"{sub}/ alone has no prefixes: transformers' from_pretrained ignores the files beside it")
+        reason = ("" if cache_ok else " (a pre-filled DynamicCache cannot stand in for them: "
+                  + ("prefix.kind=plus" if model.kind != "classic"
+                     else "a prefix outside the language model" if not lm_only
+                     else "prefix.positions=keep" if model.positions != "shift"
+                     else "not a decoder-only language model") + ")")
+        warnings.append(f"{cls}.from_pretrained({str(out / sub)!r}) alone does NOT reproduce the trained model: it "
+                        f"has no prefixes ({_targets_text(model)}){reason}. Use "
+                        f"ptscale.from_pretrained({str(out)!r})")
+        if cache_ok:
+            load["transformers+DynamicCache"] = (f"fill a DynamicCache from {LM_PREFIX_FILE} and prepend P ones to the "
+                                                 "attention mask (README 'Exporting')")
+    manifest = _manifest(
+        "merged", model, files=files, base=base, needs_base=False,
+        reproduces={"ptscale.from_pretrained": True, "transformers.from_pretrained": not has_prefix,
+                    "transformers+DynamicCache": cache_ok or not has_prefix},
+        not_included=not_included, warnings=warnings, source=source, load=load)
+    write_manifest(out, manifest)
+    return out
+
+
+# --- what an export holds --------------------------------------------------------------------------------
+def _has_prefixes(model: PrefixTunedModel) -> bool:
+    return any(m.shape.length > 0 for m in model.prefixes.values())
+
+
+def _targets_text(model: PrefixTunedModel) -> str:
+    return ", ".join(f"{t}: {m.shape.length}" for t, m in model.prefixes.items()) or "none"
+
+
+def _write_folded_prefixes(model: PrefixTunedModel, out: Path) -> dict[str, str]:
+    """prefixes.safetensors (folded) + prefix_config.json when the model has prefixes; their descriptions."""
+    if not _has_prefixes(model):
+        return {}
+    (out / PREFIX_CONFIG_FILE).write_text(json.dumps(_prefix_config(model), indent=2, sort_keys=True))
+    with _folded_prefixes(model):
+        save_prefixes(model, out / PREFIX_FILE)
+    return {PREFIX_FILE: f"every prefix folded to static keys/values ({_targets_text(model)}; ptscale format)",
+            PREFIX_CONFIG_FILE: "the prefix settings that re-wrap the model (kind, lengths, positions)"}
+
+
+def base_info(model: PrefixTunedModel, name_or_path: str | Path | None, digest: str | None = None) -> dict[str, Any]:
+    """The base an export was made against: path, weights digest (computed from a local directory when not
+    given), class."""
+    if digest is None and name_or_path is not None and Path(name_or_path).is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            digest = backbone_digest(name_or_path)
+    return {"name_or_path": None if name_or_path is None else str(name_or_path), "sha256": digest,
+            "class": type(model.base).__name__}
+
+
+def _manifest(export: str, model: PrefixTunedModel, *, files: Mapping[str, str], base: Mapping[str, Any],
+              needs_base: bool, reproduces: Mapping[str, bool], not_included: list[str], warnings: list[str],
+              load: Mapping[str, str], source: Mapping[str, Any] | None) -> dict[str, Any]:
+    lora = sorted({n for n, m in model.base.named_modules() if isinstance(m, LoraLayer)})
+    warnings = list(warnings)
+    if needs_base and base["name_or_path"] is None:
+        warnings.append("the base model is not recorded (base_model_name_or_path=None): the loader must be given "
+                        "the base explicitly")
+    return {
+        "format": MANIFEST_FORMAT, "export": export, "files": dict(files),
+        "base": {**base, "needed": needs_base},
+        "prefixes": {"kind": model.kind, "positions": model.positions,
+                     "targets": {t: m.shape.length for t, m in model.prefixes.items()}},
+        "lora": {"layers": len(lora), "merged": export == "merged"} if lora else None,
+        "reproduces_trained_model": dict(reproduces), "not_included": list(not_included),
+        "warnings": warnings, "load": dict(load), "source": dict(source or {}),
+    }
+
+
+def write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:
+    (Path(out) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def read_manifest(out: str | Path) -> dict[str, Any]:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{out}: no {MANIFEST}; not a ptscale export directory")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, this ptscale reads {MANIFEST_FORMAT!r}")
+    return manifest
+
+
+def format_manifest(out: str | Path, manifest: Mapping[str, Any]) -> str:
+    """The manifest as the lines ``ptscale export`` prints; warnings first, in capitals, so they are seen."""
+    lines = [f"WARNING: {w}" for w in manifest["warnings"]]
+    lines.append(f"{manifest['export']} export: {out}")
+    lines += [f"  {name:<28} {what}" for name, what in manifest["files"].items()]
+    base = manifest["base"]
+    need = "needed" if base["needed"] else "not needed to load (recorded for provenance)"
+    lines.append(f"  base: {base['name_or_path']} ({base['class']}, sha256 {base['sha256']}; {need})")
+    lines.append("  prefixes: " + (", ".join(f"{t}={n}" for t, n in manifest["prefixes"]["targets"].items()) or "none")
+                 + f" (kind {manifest['prefixes']['kind']}, positions {manifest['prefixes']['positions']})")
+    lines += [f"  not included: {x}" for x in manifest["not_included"]]
+    lines += [f"  reproduces the trained model with {k}: {'yes' if v else 'NO'}"
+              for k, v in manifest["reproduces_trained_model"].items()]
+    lines += [f"  load ({k}): {v}" for k, v in manifest["load"].items()]
+    return "\n".join(lines)
+
+
+def export_lm_prefix_peft(model: PrefixTunedModel, out_dir: str | Path, *,
+                          base_model_name_or_path: str | Path | None = None, base_digest: str | None = None,
+                          source: Mapping[str, Any] | None = None) -> Path:
+    """The ``language_model`` prefix as a PEFT prefix-tuning adapter
+    (``ptscale.prefix.peft_interop.export_prefix_peft``) plus ``manifest.json`` saying what PEFT alone does not
+    reproduce: other prefix targets (the Q-Former's has no PEFT counterpart), LoRA, ``positions=keep``."""
+    from ptscale.prefix.peft_interop import export_prefix_peft, language_model
+
+    out = export_prefix_peft(model, out_dir, base_model_name_or_path=None if base_model_name_or_path is None
+                             else str(base_model_name_or_path))
+    lm_cls = type(language_model(model.base)).__name__
+    others = {t: m.shape.length for t, m in model.prefixes.items() if t != LM_TARGET and m.shape.length > 0}
+    has_lora = any(isinstance(m, LoraLayer) for m in model.modules())
+    not_included, warnings = ["the base weights (load them from base.name_or_path; check base.sha256)"], []
+    if others:
+        not_included.append(f"the prefixes of {', '.join(others)} ({', '.join(f'{t}: {n}' for t, n in others.items())}"
+                            "): PEFT's prefix tuning reaches attention through past_key_values, which the Q-Former "
+                            "and the vision encoder do not take; there is no PEFT counterpart")
+    if has_lora:
+        not_included.append("the LoRA weights (export them with --peft)")
+    if model.positions != "shift":
+        not_included.append("positions=keep: PEFT numbers the real tokens P..P+L-1 (and offsets given position_ids "
+                            "by P); its forward reproduces this prefix only with position_ids = keep positions - P")
+    if others or has_lora or model.positions != "shift":
+        warnings.append("PeftModel.from_pretrained with this adapter does NOT reproduce the trained model on its "
+                        "own (see not_included); use ptscale.from_pretrained on a --merged export")
+    is_blip2 = model.base.config.model_type == "blip-2"
+    if is_blip2:
+        target = "blip2.language_model"
+        peft_load = (f"blip2 = {type(model.base).__name__}.from_pretrained(BASE); blip2.language_model = "
+                     f"PeftModel.from_pretrained(blip2.language_model, {str(out)!r})")
+        not_included.append("AutoPeftModelForCausalLM cannot load it (the base is a BLIP-2 directory): attach it to "
+                            "the BLIP-2 model's language_model. That reproduces the forward pass; generate() through "
+                            "it fails in peft 0.21.2 (no generation from inputs_embeds): generate with "
+                            "ptscale.from_pretrained or a --merged export's DynamicCache route")
+    else:
+        target = f"{lm_cls}.from_pretrained(BASE)"
+        peft_load = f"PeftModel.from_pretrained({target}, {str(out)!r})  # or AutoPeftModelForCausalLM"
+    manifest = _manifest(
+        "peft-prefix", model, files={"adapter_config.json": "PEFT prefix-tuning config (prefix_projection=False)",
+                                     PEFT_WEIGHTS: "prompt_embeddings: the folded language-model prefix"},
+        base=base_info(model, base_model_name_or_path, base_digest), needs_base=True,
+        reproduces={"peft.PeftModel.from_pretrained": not warnings, "ptscale.from_pretrained": not warnings},
+        not_included=not_included, warnings=warnings, source=source,
+        load={"peft": peft_load,
+              "ptscale": f"ptscale.from_pretrained({str(out)!r})  # the language-model prefix only"})
+    manifest["prefixes"]["included"] = [LM_TARGET]
+    write_manifest(out, manifest)
     return out
 
 
 def load_merged(out_dir: str | Path, **from_pretrained_kwargs: Any) -> PrefixTunedModel:
-    """The inverse of :func:`export_merged`: the merged transformers model wrapped with its folded prefixes
-    (no prefixes if the export had none)."""
-    out = Path(out_dir)
-    base = Blip2ForConditionalGeneration.from_pretrained(str(out), **from_pretrained_kwargs)
-    if not (out / PREFIX_FILE).is_file():
-        return PrefixTunedModel(base, PrefixConfig(lengths={}))
-    model = PrefixTunedModel(base, PrefixConfig(**json.loads((out / PREFIX_CONFIG_FILE).read_text())))
-    model.fold_prefixes()
-    load_prefixes(model, out / PREFIX_FILE)  # checks kind, targets, folded state and shapes
-    return model
+    """The inverse of :func:`export_merged` (kept for existing callers): :func:`ptscale.from_pretrained`."""
+    from ptscale.hub import from_pretrained
+
+    return from_pretrained(out_dir, **from_pretrained_kwargs)

@@ -79,8 +79,9 @@ def test_hook_plus_path_equals_explicit_float64(causal):
 def test_fresh_plus_prefix_is_the_base_model(family):
     base = build(family)
     reference = copy.deepcopy(base)
+    # freeze_base=False: the reference runs with autograd on its weights, so this one must too (same kernels)
     model = PrefixTunedModel(base, PrefixConfig(lengths=LENGTHS[family], kind="plus", encoder_hidden=8,
-                                                init_std=0.5))
+                                                init_std=0.5), freeze_base=False)
     batch = make_batch(family)
     out = model(**batch)
     assert torch.equal(out.logits, reference(**batch).logits)  # both with autograd on (same SDPA kernels)

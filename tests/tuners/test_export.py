@@ -14,7 +14,15 @@ from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 from ptscale.config import LoraConfig, PrefixConfig
 from ptscale.prefix.model import PrefixTunedModel
 from ptscale.tuners.adapter import AdapterConfig, inject_adapters
-from ptscale.tuners.export import PREFIX_FILE, ExportError, export_lora_peft, export_merged, load_merged
+from ptscale.tuners.export import (
+    PREFIX_FILE,
+    WITH_PREFIXES_DIR,
+    ExportError,
+    export_lora_peft,
+    export_merged,
+    load_merged,
+    read_manifest,
+)
 from ptscale.tuners.lora import inject_lora
 
 QKV = ["attention.attention.query", "attention.attention.key", "attention.attention.value"]
@@ -102,9 +110,18 @@ def test_merged_export_reloads_with_same_logits(trained, tmp_path):
     assert not torch.allclose(with_prefix, without)
 
     export_merged(model, tmp_path, tokenizer=tok, image_processor=proc)
-    plain = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    # the transformers model alone is base + LoRA, so it is not where from_pretrained(tmp_path) would find it
+    assert not (tmp_path / "config.json").exists()
+    plain = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / WITH_PREFIXES_DIR)).eval()
     assert not any(".lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
     torch.testing.assert_close(_logits(plain, batch), without)  # LoRA is in the weights
+    manifest = read_manifest(tmp_path)
+    assert manifest["reproduces_trained_model"] == {"ptscale.from_pretrained": True,
+                                                    "transformers.from_pretrained": False,
+                                                    "transformers+DynamicCache": False}  # a Q-Former prefix too
+    assert any("does NOT reproduce" in w and "qformer: 3" in w for w in manifest["warnings"])
+    assert manifest["prefixes"] == {"kind": "classic", "positions": "shift",
+                                    "targets": {"qformer": 3, "language_model": 3}}
 
     reloaded = load_merged(tmp_path)
     assert all(reloaded.folded().values()) and set(reloaded.folded()) == {"qformer", "language_model"}
@@ -115,8 +132,34 @@ def test_merged_export_reloads_with_same_logits(trained, tmp_path):
     assert not any(model.folded().values())
     torch.testing.assert_close(_logits(model, batch), with_prefix, rtol=0, atol=0)
     # and the tokenizer / image processor travel with the weights
-    assert AutoTokenizer.from_pretrained(str(tmp_path))("a photo of")["input_ids"] == tok("a photo of")["input_ids"]
-    assert (tmp_path / "preprocessor_config.json").is_file()
+    sub = str(tmp_path / WITH_PREFIXES_DIR)
+    assert AutoTokenizer.from_pretrained(sub)("a photo of")["input_ids"] == tok("a photo of")["input_ids"]
+    assert (tmp_path / WITH_PREFIXES_DIR / "preprocessor_config.json").is_file()
+
+
+def test_lora_export_with_prefixes_reloads_through_ptscale(trained, tmp_path):
+    """--peft: PEFT alone attaches the LoRA only (and says so); ptscale.from_pretrained attaches both."""
+    import ptscale
+
+    model, pristine, _, _ = trained
+    pristine.save_pretrained(tmp_path / "base")
+    export_lora_peft(model, tmp_path / "lora", LORA, base_model_name_or_path=tmp_path / "base")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "base")
+    manifest = read_manifest(tmp_path / "lora")
+    assert manifest["base"]["sha256"]
+    assert manifest["reproduces_trained_model"]["peft.PeftModel.from_pretrained"] is False
+    assert any("PeftModel.from_pretrained on this directory does NOT reproduce" in w for w in manifest["warnings"])
+    batch = _batch(pristine)
+    reloaded = ptscale.from_pretrained(tmp_path / "lora")
+    assert any(".lora_B." in n for n, _ in reloaded.named_parameters())  # attached, not merged: exact
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
+    # another base than the recorded one is refused, not silently used
+    with torch.no_grad():
+        pristine.language_model.lm_head.weight.add_(1.0)
+    pristine.save_pretrained(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="sha256"):
+        ptscale.from_pretrained(tmp_path / "lora")
 
 
 def test_merged_export_prefix_tuning_plus(tiny_backbone, tmp_path):
@@ -154,3 +197,39 @@ def test_merged_export_refuses_adapters(tiny_backbone, tmp_path):
     with pytest.raises(ExportError, match="adapters, which cannot be merged"):
         export_merged(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_backbone_digest(tiny_backbone, tmp_path):
+    """The sha256 of the weight files: for one model.safetensors, the plain file hash (what the default
+    backbone's marker records); another weight changes it; a directory without weights is an error."""
+    import hashlib
+
+    from ptscale.models.backbone import backbone_digest
+
+    base, _, _ = tiny_backbone
+    base.save_pretrained(tmp_path / "a")
+    digest = backbone_digest(tmp_path / "a")
+    assert digest == hashlib.sha256((tmp_path / "a" / "model.safetensors").read_bytes()).hexdigest()
+    with torch.no_grad():
+        base.language_model.lm_head.weight[0, 0] += 1.0
+    base.save_pretrained(tmp_path / "b")
+    assert backbone_digest(tmp_path / "b") != digest
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        backbone_digest(tmp_path / "empty")
+
+
+def test_runs_saved_before_prefix_positions_reload_with_keep(tmp_path):
+    """A recipe.yaml without prefix.positions was trained with positions 0..L-1: reloading must not shift them."""
+    from ptscale.config import load_recipe
+    from ptscale.rundir import load_run_recipe
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    stages = "stages: [{train: [prefix], steps: 1}]\n"
+    for run, positions in ((old, ""), (new, ", positions: shift")):
+        run.mkdir()
+        lengths = "{qformer: 8, language_model: 8}"
+        (run / "recipe.yaml").write_text(stages + f"prefix: {{lengths: {lengths}{positions}}}\n")
+    assert load_run_recipe(old).prefix.positions == "keep"
+    assert load_run_recipe(new).prefix.positions == "shift"
+    assert load_recipe(old / "recipe.yaml").prefix.positions == "shift"  # the default for new recipes
