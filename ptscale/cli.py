@@ -13,17 +13,16 @@ import argparse
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 import yaml
 
-# package data (ptscale/ds_configs; the checkout's top-level ds_configs/ links to it): found after `pip install .`
-DEFAULT_DS = Path(str(resources.files("ptscale").joinpath("ds_configs", "zero3.json")))
 log = logging.getLogger("ptscale")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from ptscale.config import DEFAULT_DS
+
     p.add_argument("--recipe", default=None, help="recipe YAML (default: the embedded PT-LoRA recipe)")
     p.add_argument("--ds", default=str(DEFAULT_DS), help="DeepSpeed JSON; 'auto' values come from the recipe")
     p.add_argument("--resume", default=None, metavar="auto|RUN_DIR|CKPT_DIR",

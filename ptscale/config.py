@@ -208,6 +208,8 @@ class RunConfig:
 
 
 DEFAULT_RECIPE = "default.yaml"
+# package data (ptscale/ds_configs; the checkout's top-level ds_configs/ links to it): found after `pip install .`
+DEFAULT_DS = Path(str(resources.files("ptscale").joinpath("ds_configs", "zero3.json")))
 RESOLVED_HEADER = "# ptscale recipe, fully resolved: every key at its value for this run\n"
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ptscale.checkpoint import write_text_atomic
-from ptscale.config import EvalConfig, RunConfig, StageConfig
+from ptscale.config import DEFAULT_DS, EvalConfig, RunConfig, StageConfig
 from ptscale.data.sources import Splits, load_splits
 
 EVAL_RESULTS = "eval_results.json"
@@ -148,7 +148,6 @@ def zero3_inference_engine(model: torch.nn.Module, cfg: RunConfig, world_size: i
     (DeepSpeedZeRoOffload). Nothing requires grad, so no gradient hooks or fp32 partitions are made."""
     import deepspeed
 
-    from ptscale.cli import DEFAULT_DS
     from ptscale.training import engine as ds
 
     for p in model.parameters():
