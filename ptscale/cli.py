@@ -219,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 # exception of a class whose module was never imported cannot have been raised, so nothing heavy is imported.
 _ERRORS = (
     ("ptscale.errors", "RecipeError", 2, "error", False),
-    ("ptscale.errors", "DataError", 3, "data error", True),
-    ("ptscale.data.bad_data", "BadDataError", 3, "data error", True),
-    ("ptscale.data.bad_data", "EmptySplitError", 3, "data error", True),
+    ("ptscale.errors", "DataError", 3, "data error", True),  # with the data loaders' BadDataError, EmptySplitError
     ("ptscale.checkpoint", "CheckpointError", 3, "checkpoint error", True),
     ("ptscale.errors", "TrainingStopped", 1, "training stopped", False),
 )

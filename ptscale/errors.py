@@ -32,3 +32,24 @@ class RunInterrupted(Exception):
 class TrainingStopped(RuntimeError):
     """The run stopped itself (non-finite losses or weights); the message names the newest sound checkpoint.
     Exit code 1, one line, no traceback."""
+
+
+class MalformedDataError(DataError, ValueError):
+    """A data file that is not what the recipe says it is (not JSON, not a Karpathy split or official VQA
+    file, an id twice); the message names the file. Exit code 3."""
+
+
+def read_json_file(path, what: str):
+    """A JSON file a recipe names, read in one place: unreadable or invalid JSON is one line naming the file."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise MalformedDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                                 f"expected {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MalformedDataError(f"{path}: cannot be read ({e}); expected {what}") from None

@@ -82,6 +82,9 @@ def _write(path: Path, text: str) -> Path:
 
 # --- mistakes found while checking the backbone, the data and the model (before a run directory exists) ------
 
+TORN_JSON = '{"images": [{"filename": "a.jpg"'
+
+
 def _truncated(d: Path, blip2_dir: Path) -> str:
     import shutil
 
@@ -106,6 +109,9 @@ def _opt_dir(d: Path) -> str:
     (lambda d, b: [_truncated(d, b)], 3, ["model.safetensors", "truncated"]),
     (lambda d, b: [f"model.path={b}", "prefix.lengths.encoder=4"], 2, ["prefix.lengths"]),
     (lambda d, b: [f"model.path={b}", "lora.targets={qformer: [nope]}"], 2, ["lora.targets.qformer", "nope"]),
+    (lambda d, b: [f"model.path={b}", "data.name=coco", f"data.image_root={d}",
+                   "data.karpathy_json=" + str(_write(d / "karpathy.json", TORN_JSON))], 3,
+     ["karpathy.json", "not valid JSON"]),
 ])
 def test_backbone_and_model_mistakes_leave_no_run_directory(tmp_path, blip2_dir, make, code, needles):
     out = tmp_path / "out"

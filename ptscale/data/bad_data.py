@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, cast
 
+from ptscale.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 OnBadData = Literal["skip", "error"]
@@ -121,7 +123,7 @@ def reject(record: BadRecord, on_bad_data: OnBadData, report: BadDataReport) -> 
     report.add_record(record)
 
 
-class BadDataError(RuntimeError):
+class BadDataError(DataError):
     """A bad record stopped the run (``on_bad_data="error"``).
 
     Takes a single message string so the DataLoader can rebuild it when it was raised in a worker. The
@@ -149,7 +151,7 @@ class BadDataError(RuntimeError):
         return error
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(DataError, ValueError):
     """A split has no usable examples: never run a silent zero-length epoch."""
 
     def __init__(self, split: str, source: str | os.PathLike[str], detail: str) -> None:

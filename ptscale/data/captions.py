@@ -13,7 +13,6 @@ to the 82,783 images of the original Karpathy train split.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 
 from ptscale.data.bad_data import BadDataReport, BadRecord, EmptySplitError, OnBadData, check_policy, reject
 from ptscale.data.images import LazyImageDataset, empty_split_detail
+from ptscale.errors import MalformedDataError, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def load_karpathy(json_path: str | os.PathLike[str], image_root: str | os.PathLi
         if parsed is None:
             continue
         if parsed["image_id"] in seen:
-            raise ValueError(f"image id {parsed['image_id']} appears twice in {where}; the file is not a "
+            raise MalformedDataError(f"image id {parsed['image_id']} appears twice in {where}; the file is not a "
                              "Karpathy split file")
         seen.add(parsed["image_id"])
         for name in FEATURES:
@@ -145,10 +145,9 @@ def load_karpathy(json_path: str | os.PathLike[str], image_root: str | os.PathLi
 
 
 def _read_records(json_path: Path) -> list[Any]:
-    with json_path.open(encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json_file(json_path, 'a Karpathy split file ({"images": [...]})')
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_path} is not a Karpathy split file: expected {{\"images\": [...]}}")
+        raise MalformedDataError(f"{json_path} is not a Karpathy split file: expected {{\"images\": [...]}}")
     return data["images"]
 
 

@@ -5,10 +5,8 @@ Synthetic splits are small and rendered into memory; real datasets stay lazy (im
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from torch.utils.data import Subset
@@ -17,6 +15,7 @@ from ptscale.config import DataConfig
 from ptscale.data.collate import CaptionCollator
 from ptscale.data.synthetic import make_split
 from ptscale.data.vocabulary import check_vocabulary
+from ptscale.errors import read_json_file
 
 VQA_PROMPT = "Question: {} Answer:"
 
@@ -67,5 +66,5 @@ def _load(cfg: DataConfig, collator: CaptionCollator) -> Splits:
     evals = load_vqav2(cfg.vqa_eval_questions, cfg.vqa_eval_annotations, cfg.image_root,
                        on_bad_data=cfg.on_bad_data, prompt=prompt)
     return Splits("vqa", _cap(train, cfg.train_size), _cap(evals, cfg.eval_size),
-                  vqa_annotations=json.loads(Path(cfg.vqa_eval_annotations).read_text()),
-                  vqa_questions=json.loads(Path(cfg.vqa_eval_questions).read_text()))
+                  vqa_annotations=read_json_file(cfg.vqa_eval_annotations, "official VQA annotations"),
+                  vqa_questions=read_json_file(cfg.vqa_eval_questions, "official VQA questions"))

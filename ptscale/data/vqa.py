@@ -8,7 +8,6 @@ Without annotations (the test splits) the dataset is for inference only: items h
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -20,6 +19,7 @@ from PIL import Image
 
 from ptscale.data.bad_data import BadDataReport, BadRecord, EmptySplitError, OnBadData, check_policy, reject
 from ptscale.data.images import LazyImageDataset, empty_split_detail
+from ptscale.errors import MalformedDataError, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_vqav2(questions_json: str | os.PathLike[str], annotations_json: str | o
         if row is None:
             continue
         if row["question_id"] in seen:
-            raise ValueError(f"question id {row['question_id']} appears twice in {questions_json}")
+            raise MalformedDataError(f"question id {row['question_id']} appears twice in {questions_json}")
         seen.add(row["question_id"])
         row["image_path"] = _image_path(image_format, image_root, subtype, int(row["image_id"]))
         for name in FEATURES:
@@ -115,10 +115,9 @@ def load_vqav2(questions_json: str | os.PathLike[str], annotations_json: str | o
 
 
 def _read_json(path: Path, key: str) -> dict[str, Any]:
-    with path.open(encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json_file(path, f"an official VQA {key} file ({{{key!r}: [...]}})")
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise ValueError(f"{path} is not an official VQA {key} file: expected {{{key!r}: [...]}}")
+        raise MalformedDataError(f"{path} is not an official VQA {key} file: expected {{{key!r}: [...]}}")
     return data
 
 
@@ -127,7 +126,7 @@ def _index_annotations(path: Path) -> dict[int, dict[str, Any]]:
     for ann in _read_json(path, "annotations")["annotations"]:
         qid = int(ann["question_id"])
         if qid in out:
-            raise ValueError(f"question id {qid} is annotated twice in {path}")
+            raise MalformedDataError(f"question id {qid} is annotated twice in {path}")
         out[qid] = ann
     return out
 

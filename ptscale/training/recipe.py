@@ -551,8 +551,9 @@ class PTPEFTRecipe:
 
     def _eval_settings(self) -> dict:
         d, e = self.cfg.data, self.cfg.eval
+        split = {"synthetic": "eval", "vqav2": Path(d.vqa_eval_questions or "").name}.get(d.name, d.eval_split)
         return {"data": d.name, "task": d.task if d.name == "synthetic" else self.splits.task,
-                "split": d.eval_split if d.name != "synthetic" else "eval", "size": len(self.eval_records),
+                "split": split, "size": len(self.eval_records),
                 "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens}
 
     def _score(self, preds: dict[str, str]) -> tuple[dict[str, float], dict[str, str], list[dict]]:
