@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         # parsed with their own small parser: no heavy import before the recipe is read
         parser = argparse.ArgumentParser(prog=f"ptscale {argv[0]}")
         (add_train_args if argv[0] == "train" else add_config_args)(parser)
-        args = parser.parse_args(argv[1:])
+        args = parser.parse_intermixed_args(argv[1:])  # key=value overrides before and after the options
         args.command = argv[0]
     else:
         parser = build_parser()

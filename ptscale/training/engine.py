@@ -111,7 +111,8 @@ def load_ds_template(path: str | Path) -> dict:
         if key in cfg:
             raise RecipeError(f"--ds {path}: remove the {key!r} section; each stage of the recipe builds its "
                               "own AdamW and warm-up/decay schedule")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0) if isinstance(cfg.get("zero_optimization"), dict) else None
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
         raise RecipeError(f"--ds {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return cfg

@@ -183,5 +183,5 @@ def test_cli_run_on_uncovered_data_stops_with_exit_2(coco, tmp_path) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "unknown to the model's tokenizer" in line]
-    assert len(lines) == 1 and lines[0].startswith("ptscale: recipe error: data.name=coco: ")
+    assert len(lines) == 1 and lines[0].startswith("ptscale: error: data.name=coco: ")
     assert "model.path=DIR" in lines[0]
