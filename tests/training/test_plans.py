@@ -1,15 +1,23 @@
 """Every plan family on 2 ranks under ZeRO-3: each stage changes exactly its groups (all parameters gathered
 and hashed before and after the stage), and nothing else."""
 
+import json
+
 import pytest
 
 from ptscale.config import load_recipe
+from ptscale.plans import plan_methods
 from tests.training.test_end_to_end import _changed, _launch
 
 BIN = _launch.__globals__["BIN"]
 FAST = ["eval.before_training=false", "data.train_size=128", "checkpoint.every_steps=0"]
-METHODS = ("methods={prefix: {steps: 2, lr: 1.0e-3, evaluate: false}, lora: {steps: 2, lr: 1.0e-3, evaluate: false},"
-           " adapter: {steps: 2, lr: 1.0e-3, evaluate: false}, full: {steps: 2, lr: 1.0e-4, evaluate: false}}")
+STEPS = {"prefix": "{steps: 2, lr: 1.0e-3, evaluate: false}", "lora": "{steps: 2, lr: 1.0e-3, evaluate: false}",
+         "adapter": "{steps: 2, lr: 1.0e-3, evaluate: false}", "full": "{steps: 2, lr: 1.0e-4, evaluate: false}"}
+
+
+def methods(plan: str) -> list[str]:
+    """Stage settings for exactly the methods the plan reads (setting another one is an error)."""
+    return [f"methods.{m}={STEPS[m]}" for m in plan_methods(plan)]
 
 
 @pytest.mark.slow
@@ -23,9 +31,9 @@ METHODS = ("methods={prefix: {steps: 2, lr: 1.0e-3, evaluate: false}, lora: {ste
 ])
 def test_plan_changes_exactly_its_groups(tmp_path, plan, extra, expected):
     _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
-             f"output_dir={tmp_path}", "run_name=p", f"plan={plan}", METHODS, *FAST, *extra], timeout=900)
+             f"output_dir={tmp_path}", "run_name=p", f"plan={plan}", *methods(plan), *FAST, *extra], timeout=900)
     stage_dirs = sorted((tmp_path / "p").glob("stage-*"), key=lambda d: int(d.name.split("-")[1]))
     assert [_changed(d) for d in stage_dirs] == expected
     saved = load_recipe(tmp_path / "p" / "recipe.yaml")  # the run's recipe reloads as is
     assert [set(s.train) for s in saved.stages] == expected
-    assert (tmp_path / "p" / "recipe.yaml").read_text().startswith(f"# plan: {plan}")
+    assert saved.plan == plan and json.loads((tmp_path / "p" / "run.json").read_text())["plan"] == plan
