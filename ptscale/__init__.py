@@ -1,7 +1,7 @@
 """ptscale: prefix-tuned PEFT (PT-PEFT) under DeepSpeed ZeRO-3. ``ptscale.from_pretrained(EXPORT_DIR)`` loads an
 export (README "Exporting"); importing ``ptscale`` itself stays light (torch and transformers load on first use)."""
 
-__version__ = "0.1.0"
+from ptscale.version import __version__
 
 
 def from_pretrained(path, **kwargs):

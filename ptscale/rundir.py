@@ -18,6 +18,7 @@ import yaml
 
 from ptscale.config import RunConfig, load_recipe, to_dict
 from ptscale.errors import RecipeError, RunDirError
+from ptscale.version import __version__
 
 RECIPE_FILE = "recipe.yaml"
 RUN_INFO_FILE = "run.json"
@@ -166,8 +167,6 @@ def read_run_info(run_dir: Path) -> dict:
 
 
 def run_info(cfg: RunConfig, backbone_identity: dict[str, str]) -> dict:
-    from ptscale import __version__
-
     return {"plan": cfg.plan, "seed": cfg.seed, "backbone": backbone_identity, "ptscale_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "user": os.environ.get("USER", "")}
 

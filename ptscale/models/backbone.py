@@ -280,9 +280,9 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
         return BackboneSource(None, model.config, tokenizer, tiny_processor(),
                               {"source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""})
     if uses_random_weights(cfg):
-        from ptscale.models.scale import random_preset_parts
+        from ptscale.models.presets import preset_parts
 
-        config, tokenizer, processor = random_preset_parts(cfg.preset)
+        config, tokenizer, processor = preset_parts(cfg.preset)
         return BackboneSource(None, config, tokenizer, processor,
                               {"source": f"random weights of preset {cfg.preset}", "digest": f"random:{cfg.preset}"})
     path = Path(cfg.path) if cfg.path else ensure_default_backbone(cfg, rank=rank, barrier=barrier)

@@ -65,3 +65,22 @@ def blip2_config(preset: str, *, vocab_size: int | None = None, pad: int = 1, bo
     if image_token is not None:
         spec["image_token_index"] = image_token
     return Blip2Config(**spec)
+
+
+def preset_parts(preset: str) -> tuple[Blip2Config, object, object]:
+    """A geometry preset's config, the synthetic word tokenizer and an image processor at its resolution: what
+    a random-weights build needs (no weights). The preset's vocabulary (50304 for OPT) is larger than the
+    tokenizer's, which only leaves rows unused."""
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from ptscale.data.synthetic import vocabulary
+    from ptscale.models.tokenizer import word_tokenizer
+
+    tokenizer = word_tokenizer(vocabulary())
+    cfg = blip2_config(preset, pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id,
+                       eos=tokenizer.eos_token_id, image_token=tokenizer.convert_tokens_to_ids("<image>"))
+    if cfg.text_config.vocab_size < len(tokenizer):
+        raise ValueError(f"preset {preset}: vocabulary {cfg.text_config.vocab_size} is smaller than the synthetic "
+                         f"tokenizer's {len(tokenizer)}")
+    size = cfg.vision_config.image_size
+    return cfg, tokenizer, BlipImageProcessorPil(size={"height": size, "width": size})

@@ -31,9 +31,10 @@ from torch import nn
 from ptscale.config import LoraConfig, PrefixConfig
 from ptscale.models.backbone import DTYPES, Backbone
 from ptscale.models.groups import GROUPS, expand_groups, group_of
+from ptscale.models.presets import preset_parts
 
 if TYPE_CHECKING:
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    pass
 
 # --- Measuring a rank ---------------------------------------------------------------------------------
 
@@ -156,40 +157,20 @@ def build_sharded_backbone(preset: str, ds_config: dict, dtype: str) -> Backbone
     """
     from transformers import Blip2ForConditionalGeneration
 
-    cfg, tokenizer = _random_preset(preset)
+    cfg, tokenizer, processor = preset_parts(preset)
     with _zero3_transformers(ds_config, dtype) as hf_ds_config:
         model = Blip2ForConditionalGeneration._from_config(cfg, dtype=DTYPES[dtype])
         _finish_sharding(model, ds_config, hf_ds_config)
-    return Backbone(model, tokenizer, image_processor(cfg.vision_config.image_size), Path(f"<random {preset}>"))
+    return Backbone(model, tokenizer, processor, Path(f"<random {preset}>"))
 
 
 def build_random_backbone(preset: str, dtype: str) -> Backbone:
     """The same random-weights preset, whole on this rank (no ZeRO-3)."""
     from transformers import Blip2ForConditionalGeneration
 
-    cfg, tokenizer = _random_preset(preset)
+    cfg, tokenizer, processor = preset_parts(preset)
     model = Blip2ForConditionalGeneration._from_config(cfg, dtype=DTYPES[dtype])
-    return Backbone(model, tokenizer, image_processor(cfg.vision_config.image_size), Path(f"<random {preset}>"))
-
-
-def random_preset_parts(preset: str) -> tuple[object, object, object]:
-    """The config, tokenizer and image processor of a random-weights preset (no weights built)."""
-    cfg, tokenizer = _random_preset(preset)
-    return cfg, tokenizer, image_processor(cfg.vision_config.image_size)
-
-
-def _random_preset(preset: str) -> tuple[object, object]:
-    from ptscale.data.synthetic import vocabulary
-    from ptscale.models.presets import blip2_config
-    from ptscale.models.tokenizer import word_tokenizer
-
-    tokenizer = word_tokenizer(vocabulary())
-    cfg = blip2_config(preset, pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id,
-                       eos=tokenizer.eos_token_id, image_token=tokenizer.convert_tokens_to_ids("<image>"))
-    if cfg.text_config.vocab_size < len(tokenizer):
-        raise ValueError(f"preset {preset}: vocabulary {cfg.text_config.vocab_size} is smaller than the synthetic "
-                         f"tokenizer's {len(tokenizer)}")
-    return cfg, tokenizer
+    return Backbone(model, tokenizer, processor, Path(f"<random {preset}>"))
 
 
 def load_sharded_backbone(path: str | Path, ds_config: dict, dtype: str) -> Backbone:
@@ -252,13 +233,6 @@ def cast_added_parameters(model: nn.Module, dtype: str) -> int:
             p.data = p.data.to(target)
             cast += 1
     return cast
-
-
-def image_processor(size: int) -> BlipImageProcessorPil:
-    """The tiny_processor pattern (ptscale.models.pretrain) at the preset's resolution."""
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
-    return BlipImageProcessorPil(size={"height": size, "width": size})
 
 
 # --- Counting parameters (meta device) ------------------------------------------------------------------

@@ -408,10 +408,3 @@ def export_lm_prefix_peft(model: PrefixTunedModel, out_dir: str | Path, *,
     manifest["prefixes"]["included"] = [LM_TARGET]
     write_manifest(out, manifest)
     return out
-
-
-def load_merged(out_dir: str | Path, **from_pretrained_kwargs: Any) -> PrefixTunedModel:
-    """The inverse of :func:`export_merged` (kept for existing callers): :func:`ptscale.from_pretrained`."""
-    from ptscale.hub import from_pretrained
-
-    return from_pretrained(out_dir, **from_pretrained_kwargs)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 
 from ptscale.config import LoraConfig, PrefixConfig
+from ptscale.hub import from_pretrained
 from ptscale.prefix.model import PrefixTunedModel
 from ptscale.tuners.adapter import AdapterConfig, inject_adapters
 from ptscale.tuners.export import (
@@ -20,7 +21,6 @@ from ptscale.tuners.export import (
     ExportError,
     export_lora_peft,
     export_merged,
-    load_merged,
     read_manifest,
 )
 from ptscale.tuners.lora import inject_lora
@@ -123,7 +123,7 @@ def test_merged_export_reloads_with_same_logits(trained, tmp_path):
     assert manifest["prefixes"] == {"kind": "classic", "positions": "shift",
                                     "targets": {"qformer": 3, "language_model": 3}}
 
-    reloaded = load_merged(tmp_path)
+    reloaded = from_pretrained(tmp_path)
     assert all(reloaded.folded().values()) and set(reloaded.folded()) == {"qformer", "language_model"}
     torch.testing.assert_close(_logits(reloaded, batch), with_prefix)
 
@@ -176,7 +176,7 @@ def test_merged_export_prefix_tuning_plus(tiny_backbone, tmp_path):
     with model.prefixes_disabled():
         assert not torch.allclose(_logits(model, batch), expected)
     export_merged(model, tmp_path)
-    reloaded = load_merged(tmp_path)
+    reloaded = from_pretrained(tmp_path)
     assert reloaded.kind == "plus" and {m.feature_map for m in reloaded.prefixes.values()} == {"relu"}
     torch.testing.assert_close(_logits(reloaded, batch), expected)
 
@@ -187,7 +187,7 @@ def test_merged_export_without_prefixes(tiny_backbone, tmp_path):
     export_merged(model, tmp_path)
     assert not (tmp_path / PREFIX_FILE).exists()
     batch = _batch(base)
-    torch.testing.assert_close(_logits(load_merged(tmp_path), batch), _logits(model, batch))
+    torch.testing.assert_close(_logits(from_pretrained(tmp_path), batch), _logits(model, batch))
 
 
 def test_merged_export_refuses_adapters(tiny_backbone, tmp_path):
