@@ -291,7 +291,10 @@ def _apply_override(raw: dict, item: str) -> str:
         elif part.isdigit() and part not in node:
             raise RecipeError(f"override {key!r}: no list to index with {part!r} (with a plan, set methods.<method>.*)")
         else:
+            had_default = isinstance(default, dict) and part in default
             default = default.get(part) if isinstance(default, dict) else None
+            if had_default and default is not None and not isinstance(default, (dict, list)):
+                raise RecipeError(f"override {key!r}: {part!r} holds a value, not a mapping")
             if node.get(part) is None:
                 node[part] = dict(default) if isinstance(default, dict) and part in _MAPPING_SETTINGS else {}
             node = node[part]
