@@ -5,35 +5,13 @@ behind; `ptscale config` / `--print-config` / `--dry-run` show and check a recip
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ptscale.config import load_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = "launchers/train.py"
-
-
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env)
-
-
-def assert_one_line(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == code, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("ptscale")]
-    assert len(lines) == 1, out[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.launch import ROOT, TRAIN, assert_one_line, cli
 
 
 @pytest.fixture(scope="module")

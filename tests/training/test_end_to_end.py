@@ -3,50 +3,21 @@
 The default backbone comes from the user cache (built by the first run on a machine, then reused)."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from ptscale.models.groups import group_of
-from ptscale.training.engine import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-
-def _launch(cmd: list[str], timeout: int) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # A free rendezvous port per launch: the launchers' default (29500) collides with any other run.
-    port = free_port()
-    cmd = [cmd[0], "--master_port", port, *cmd[1:]]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    # DeepSpeed's CPU allreduce segments (66 MiB per rank) are unlinked once mapped (engine.init_distributed)
-    assert not list(Path("/dev/shm").glob(f"deepspeed_*_{port}_*"))
-    return proc.stdout
-
-
-def _last_program_line(out: str) -> str:
-    """The launcher itself logs "[date] [INFO] [launch.py...] exits successfully" after the ranks end."""
-    return [line for line in out.strip().splitlines() if "[launch.py" not in line][-1]
-
-
-def _changed(stage_dir: Path) -> set[str]:
-    digests = json.loads((stage_dir / "param_digests.json").read_text())
-    return {group_of(n) for n, h in digests["before"].items() if digests["after"][n] != h}
+from tests.launch import BIN, ROOT, changed_groups, last_program_line, launch
 
 
 @pytest.mark.slow
 def test_default_run_two_ranks_zero3(tmp_path):
-    out = _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
+    out = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
                    f"output_dir={tmp_path}", "run_name=default"], timeout=1500)
     run = tmp_path / "default"
-    assert _last_program_line(out) == f"run directory: {run}"
+    assert last_program_line(out) == f"run directory: {run}"
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2
     points = {e["point"]: e for e in results["evaluations"]}
@@ -56,8 +27,8 @@ def test_default_run_two_ranks_zero3(tmp_path):
     assert points["prefix+lora"]["metrics"]["CIDEr"] > points["before training"]["metrics"]["CIDEr"]
     assert points["prefix"]["trainable"] < points["prefix+lora"]["trainable"]
     # Exactly the planned groups moved in each stage (every parameter gathered and hashed under ZeRO-3).
-    assert _changed(run / "stage-1-prefix") == {"prefix"}
-    assert _changed(run / "stage-2-prefix+lora") == {"prefix", "lora"}
+    assert changed_groups(run / "stage-1-prefix") == {"prefix"}
+    assert changed_groups(run / "stage-2-prefix+lora") == {"prefix", "lora"}
     assert "| evaluated" in out and "CIDEr" in out
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
@@ -79,15 +50,15 @@ def test_default_run_two_ranks_zero3(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_short_plan(tmp_path):
-    out = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "launchers/train.py",
+    out = launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "launchers/train.py",
                    "--ds", "ds_configs/zero3.json", f"output_dir={tmp_path}", "run_name=tr",
                    "eval.before_training=false", "eval.num_beams=1", "methods.prefix.steps=3", "methods.lora.steps=3",
                    "methods.prefix.evaluate=false"], timeout=900)
     run = tmp_path / "tr"
-    assert _last_program_line(out) == f"run directory: {run}"
+    assert last_program_line(out) == f"run directory: {run}"
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and [e["point"] for e in results["evaluations"]] == ["prefix+lora"]
-    assert _changed(run / "stage-1-prefix") == {"prefix"}
+    assert changed_groups(run / "stage-1-prefix") == {"prefix"}
 
 
 def test_bad_recipe_fails_before_any_model_is_built(tmp_path):

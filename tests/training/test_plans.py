@@ -7,9 +7,8 @@ import pytest
 
 from ptscale.config import load_recipe
 from ptscale.plans import plan_methods
-from tests.training.test_end_to_end import _changed, _launch
+from tests.launch import BIN, changed_groups, launch
 
-BIN = _launch.__globals__["BIN"]
 FAST = ["eval.before_training=false", "data.train_size=128", "checkpoint.every_steps=0"]
 STEPS = {"prefix": "{steps: 2, lr: 1.0e-3, evaluate: false}", "lora": "{steps: 2, lr: 1.0e-3, evaluate: false}",
          "adapter": "{steps: 2, lr: 1.0e-3, evaluate: false}", "full": "{steps: 2, lr: 1.0e-4, evaluate: false}"}
@@ -30,10 +29,10 @@ def methods(plan: str) -> list[str]:
      [{"prefix"}, {"prefix", "adapter"}]),
 ])
 def test_plan_changes_exactly_its_groups(tmp_path, plan, extra, expected):
-    _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
+    launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
              f"output_dir={tmp_path}", "run_name=p", f"plan={plan}", *methods(plan), *FAST, *extra], timeout=900)
     stage_dirs = sorted((tmp_path / "p").glob("stage-*"), key=lambda d: int(d.name.split("-")[1]))
-    assert [_changed(d) for d in stage_dirs] == expected
+    assert [changed_groups(d) for d in stage_dirs] == expected
     saved = load_recipe(tmp_path / "p" / "recipe.yaml")  # the run's recipe reloads as is
     assert [set(s.train) for s in saved.stages] == expected
     assert saved.plan == plan and json.loads((tmp_path / "p" / "run.json").read_text())["plan"] == plan

@@ -12,15 +12,14 @@ from transformers import Blip2ForConditionalGeneration
 
 from ptscale.cli import main
 from ptscale.runs import load_run
-from tests.training.test_end_to_end import _changed, _launch
+from tests.launch import BIN, changed_groups, launch
 
 pytest.importorskip("bitsandbytes")
-BIN = _launch.__globals__["BIN"]
 
 
 @pytest.mark.slow
 def test_nf4_base_under_zero3_trains_prefix_then_lora_and_exports(tmp_path):
-    out = _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
+    out = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
                    f"output_dir={tmp_path}", "run_name=q", "model.quantization=nf4",
                    "lora.targets={qformer: [attention.attention.query], language_model: [q_proj, v_proj]}",
                    "eval.before_training=false", "eval.num_beams=1", "data.train_size=64", "data.eval_size=8",
@@ -28,7 +27,7 @@ def test_nf4_base_under_zero3_trains_prefix_then_lora_and_exports(tmp_path):
                    "methods.lora={steps: 2, lr: 1.0e-3}"], timeout=900)
     run = tmp_path / "q"
     stages = sorted(run.glob("stage-*"), key=lambda d: int(d.name.split("-")[1]))
-    assert [_changed(d) for d in stages] == [{"prefix"}, {"prefix", "lora"}]
+    assert [changed_groups(d) for d in stages] == [{"prefix"}, {"prefix", "lora"}]
     digests = json.loads((stages[1] / "param_digests.json").read_text())["before"]
     assert any(n.endswith("q_proj.base_layer.weight") for n in digests)  # the 4-bit weights were hashed too
     # trainable share over logical (unpacked) sizes: the same total as the full-precision model

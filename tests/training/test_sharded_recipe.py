@@ -14,10 +14,8 @@ from ptscale.checkpoint import list_checkpoints
 from ptscale.models.pretrain import new_tiny_model, tiny_processor
 from ptscale.runs import load_run
 from ptscale.tools.kill_resume import max_diff
-from tests.training.test_end_to_end import _changed, _launch
+from tests.launch import BIN, ROOT, changed_groups, launch
 
-BIN = _launch.__globals__["BIN"]
-ROOT = _launch.__globals__["ROOT"]
 FULL = {"prefix", "vision", "qformer", "projection", "language_model"}
 
 
@@ -31,7 +29,7 @@ def saved(tmp_path_factory):
 
 
 def _train(out, name, saved, *extra):
-    return _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
+    return launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
                     f"output_dir={out}", f"run_name={name}", f"model.path={saved}", "plan=prefix->full",
                     "methods={prefix: {steps: 2, lr: 5.0e-3, evaluate: false}, full: {steps: 3, lr: 1.0e-4}}",
                     "eval.num_beams=1", "data.train_size=64", "data.eval_size=8", "checkpoint.every_steps=1",
@@ -44,7 +42,7 @@ def test_model_path_builds_partitioned_and_resumes_full_weights_into_the_shards(
     assert out.count(f"built {saved} under zero.Init") == 2  # one memory line per rank
     run = tmp_path / "a"
     stages = sorted(run.glob("stage-*"), key=lambda d: int(d.name.split("-")[1]))
-    assert [_changed(d) for d in stages] == [{"prefix"}, FULL]
+    assert [changed_groups(d) for d in stages] == [{"prefix"}, FULL]
     assert "[eval: before training]" in out and "[eval: prefix+full]" in out, out[-3000:]
     reference = load_file(stages[1] / "trainable.safetensors")
 

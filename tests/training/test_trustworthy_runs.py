@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ptscale.checkpoint import list_checkpoints
-from tests.test_cli import ROOT, TRAIN, assert_one_line, cli
+from tests.launch import ROOT, TRAIN, assert_one_line, cli
 
 FAST = ["data.train_size=64", "data.eval_size=4", "eval.num_beams=1", "checkpoint.every_steps=2",
         "methods.prefix.batch_size=8", "methods.lora.batch_size=8", "methods.prefix.epochs=2",
