@@ -381,7 +381,6 @@ def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
 
 
 PREFIX_TARGETS = ("qformer", "vision", "language_model", "encoder", "decoder")
-LORA_COMPONENTS = ("vision", "qformer", "language_model")
 
 
 # bitsandbytes replaces the Linear layers of the vision tower, the language projection and the language model;
@@ -407,8 +406,8 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
     if cfg.prefix.kind == "classic" and cfg.prefix.feature_map != "elu1":
         raise RecipeError("prefix.feature_map: only used by prefix.kind=plus; remove it or set kind: plus")
     for comp in cfg.lora.targets:
-        if comp not in LORA_COMPONENTS:
-            raise RecipeError(f"lora.targets.{comp}: unknown component; known: {', '.join(LORA_COMPONENTS)}")
+        if comp not in COMPONENTS:
+            raise RecipeError(f"lora.targets.{comp}: unknown component; known: {', '.join(COMPONENTS)}")
     if cfg.lora.r <= 0:
         raise RecipeError(f"lora.r: must be > 0, got {cfg.lora.r}")
     if not cfg.stages:

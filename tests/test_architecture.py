@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ptscale"
 # Most specific prefix first. A module not matched here fails the test: a new module declares its floor.
 LAYERS: tuple[tuple[str, int], ...] = (
     # 0: foundation (names, files, pure maths; nothing of ptscale above it)
-    ("ptscale.errors", 0), ("ptscale.version", 0), ("ptscale.plans", 0), ("ptscale.checkpoint", 0),
+    ("ptscale.errors", 0), ("ptscale.version", 0), ("ptscale.plans", 0), ("ptscale.checkpoint", 0), ("ptscale.dist", 0),
     ("ptscale.models.groups", 0), ("ptscale.models.presets", 0), ("ptscale.models.tokenizer", 0),
     ("ptscale.data.synthetic", 0), ("ptscale.data.collate", 0), ("ptscale.data.bad_data", 0),
     ("ptscale.data.images", 0), ("ptscale.eval.captioning", 0), ("ptscale.eval.vqa", 0),

@@ -36,6 +36,7 @@ import torch
 from ptscale.checkpoint import write_text_atomic
 from ptscale.config import DEFAULT_DS, EvalConfig, RunConfig, StageConfig
 from ptscale.data.sources import Splits, load_splits
+from ptscale.dist import ALONE, DistInfo
 
 EVAL_RESULTS = "eval_results.json"
 EVAL_CAPTIONS = "eval_captions.json"
@@ -115,31 +116,18 @@ def generation_settings(run_eval_cfg: EvalConfig, request: EvalRequest) -> EvalC
     return settings
 
 
-@dataclass(frozen=True)
-class World:
-    """Like ``training.engine.DistInfo``, without importing DeepSpeed (seconds) for a world of one."""
-
-    rank: int
-    size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def join_world() -> World:
+def join_world() -> DistInfo:
     """Under deepspeed/torchrun (RANK set) join the process group; plain python is a world of one with no
     process group, so calling this in-process (tests, notebooks) leaves no gloo group or env vars behind."""
     if "RANK" not in os.environ:
-        return World(0, 1, 0)
+        return ALONE
     from ptscale.training import engine as ds
 
     info = ds.init_distributed()
-    return World(info.rank, info.world_size, info.local_rank)
+    return info
 
 
-def local_device(world: World) -> torch.device:
+def local_device(world: DistInfo) -> torch.device:
     return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -163,8 +151,8 @@ def zero3_inference_engine(model: torch.nn.Module, cfg: RunConfig, world_size: i
     return engine
 
 
-def _gather_captions(mine: dict[str, str], world: World) -> dict[str, str]:
-    if world.size == 1:
+def _gather_captions(mine: dict[str, str], world: DistInfo) -> dict[str, str]:
+    if world.world_size == 1:
         return dict(mine)
     from ptscale.training import engine as ds
 
@@ -182,19 +170,19 @@ class EvalOutcome:
     out_dir: Path
 
 
-def generate_all(model, collator, records: Sequence[dict], settings: EvalConfig, world: World,
+def generate_all(model, collator, records: Sequence[dict], settings: EvalConfig, world: DistInfo,
                  ds_config: Path | None, cfg: RunConfig) -> dict[str, str]:
     """key (image_id; question_id for VQA) -> generated text for every record, on every rank (gathered)."""
     from ptscale.eval.generate import generate_captions
 
-    if world.size == 1:
+    if world.world_size == 1:
         model.to(local_device(world))
         return generate_captions(model, collator, records, settings)
     from ptscale.training import engine as ds
 
-    engine = zero3_inference_engine(model, cfg, world.size, ds_config)
+    engine = zero3_inference_engine(model, cfg, world.world_size, ds_config)
     try:
-        mine = generate_captions(model, collator, records, settings, rank=world.rank, world=world.size,
+        mine = generate_captions(model, collator, records, settings, rank=world.rank, world=world.world_size,
                                  synced=True)  # while the engine lives: its hooks gather the shards
         return _gather_captions(mine, world)
     finally:
@@ -258,13 +246,13 @@ def evaluate_run(request: EvalRequest) -> EvalOutcome | None:
             "data": data.description,
             "generation": {k: getattr(settings, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens",
                                                               "batch_size")},
-            "world_size": world.size, **scored.fields, "seconds": round(time.time() - t0, 2),
+            "world_size": world.world_size, **scored.fields, "seconds": round(time.time() - t0, 2),
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / scored.rows_file, json.dumps(scored.rows, indent=1))
         write_text_atomic(out_dir / EVAL_RESULTS, json.dumps(results, indent=1))
         outcome = EvalOutcome(results, out_dir)
-    if world.size > 1:
+    if world.world_size > 1:
         from ptscale.training import engine as ds
 
         ds.barrier()  # no rank exits (and tears down the group) while rank 0 still writes

@@ -17,8 +17,6 @@ import hashlib
 import json
 import math
 import os
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -28,19 +26,9 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
+from ptscale.dist import DistInfo, barrier, broadcast_object, free_port, gather_objects  # noqa: F401 (re-exported)
 from ptscale.errors import RecipeError
 from ptscale.plans import StageConfig
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed() -> DistInfo:
@@ -66,30 +54,6 @@ def unlink_shm_segment(rank: int) -> None:
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")  # as shm.cpp names it
     barrier()
     Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
-
-
-def free_port() -> str:
-    """A TCP port nobody holds now (a launcher's default 29500 collides with any other run)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_object(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_objects(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # --- DeepSpeed config: the recipe owns what the JSON marks "auto" -----------------------------------

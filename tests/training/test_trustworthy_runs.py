@@ -17,7 +17,8 @@ import pytest
 from safetensors.torch import load_file
 
 from ptscale.checkpoint import list_checkpoints
-from tests.launch import ROOT, TRAIN, assert_one_line, cli
+from ptscale.training.engine import free_port
+from tests.launch import BIN, ROOT, TRAIN, assert_one_line, cli, user_env
 
 FAST = ["data.train_size=64", "data.eval_size=4", "eval.num_beams=1", "checkpoint.every_steps=2",
         "methods.prefix.batch_size=8", "methods.lora.batch_size=8", "methods.prefix.epochs=2",
@@ -101,6 +102,12 @@ def test_resume_refuses_to_change_the_run_and_its_backbone(tmp_path, blip2_dir):
     evaluated = cli("-m", "ptscale.cli", "eval", "--checkpoint", str(out / "r"))
     assert_one_line(evaluated, 2, "backbone changed")
 
+    newest = list_checkpoints(out / "r" / "checkpoints")[-1]
+    (newest / "tuned.safetensors").write_bytes((newest / "tuned.safetensors").read_bytes()[:100])  # torn
+    new_tiny_model("tiny-blip2-opt", seed=0)[0].save_pretrained(weights)  # the original weights again
+    torn = cli(TRAIN, "--resume", str(out / "r"))
+    assert_one_line(torn, 3, str(newest / "tuned.safetensors"), "delete")
+
     fresh = cli(TRAIN, f"output_dir={out}", "run_name=new", f"model.path={weights}", "--resume", "auto", *FAST[:4],
                 "plan=prefix", "methods.prefix.steps=1")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
@@ -121,3 +128,18 @@ def test_diverging_weights_are_never_checkpointed_and_the_stop_names_a_sound_one
                 assert all(t.isfinite().all() for t in load_file(ckpt / name).values()), ckpt
     sound = list_checkpoints(out / "r" / "checkpoints")
     assert (f"newest sound checkpoint is {sound[-1]}" in line) if sound else ("No sound checkpoint" in line)
+
+
+@pytest.mark.slow
+def test_a_mistake_on_two_ranks_is_one_line_from_each_launch_and_leaves_nothing(tmp_path, blip2_dir):
+    """Under the deepspeed launcher every rank finds the mistake, exits 2 without a traceback, and the launcher
+    passes the exit code on; rank 0 alone prints the line (the same on every rank)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "deepspeed"), "--master_port", free_port(), "--num_gpus", "2", TRAIN,
+                           "--ds", "ds_configs/zero3.json", f"output_dir={out}", f"model.path={blip2_dir}",
+                           "prefix.lengths.encoder=4", "data.train_size=16"], cwd=ROOT, env=user_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("ptscale: error: prefix.lengths") == 1
+    assert not out.exists()

@@ -1,0 +1,56 @@
+"""The ground floor for distributed facts: who this rank is, and the few collectives every layer uses.
+
+torch.distributed only (no DeepSpeed, which takes seconds to import): evaluation on one rank, the recipe and the
+engine share these. The process group itself is made by ``training.engine.init_distributed``.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+ALONE = DistInfo(0, 1, 0)  # a world of one with no process group (plain python, tests, notebooks)
+
+
+def free_port() -> str:
+    """A TCP port nobody holds now (a launcher's default 29500 collides with any other run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (itself without a process group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
