@@ -251,7 +251,7 @@ def analyze_runs(request: AnalyzeRequest) -> dict[str, Any] | None:
     """Analyse every run and the reference; write the JSON files and plots. None on ranks other than 0."""
     from ptscale.analysis.effective_rank import plot_spectra
     from ptscale.config import load_recipe
-    from ptscale.eval.run_eval import load_eval_data
+    from ptscale.eval.evaluate import load_eval_data
 
     if int(os.environ.get("RANK", "0")) != 0:
         return None  # one process does the whole analysis; see the module docstring

@@ -35,55 +35,11 @@ import torch
 
 from ptscale.checkpoint import write_text_atomic
 from ptscale.config import DEFAULT_DS, EvalConfig, RunConfig, StageConfig
-from ptscale.data.sources import Splits, load_splits
 from ptscale.dist import ALONE, DistInfo
+from ptscale.eval.evaluate import generate_gathered, load_eval_data, score
 
 EVAL_RESULTS = "eval_results.json"
-EVAL_CAPTIONS = "eval_captions.json"
-EVAL_ANSWERS = "eval_answers.json"  # VQA runs
-PER_IMAGE_HEADLINE = ("Bleu_4", "CIDEr")
-
-# --- Data: the run's own split, through the same loader training used (ptscale.data.sources) ------------
-
-# What identifies the evaluated data, per source, beside name/split/size/prompt (enough to rebuild it).
-_SOURCE_KEYS = {"synthetic": ("task", "seed"), "coco": ("karpathy_json", "image_root", "eval_split"),
-                "flickr30k": ("karpathy_json", "image_root", "eval_split"),
-                "vqav2": ("vqa_eval_questions", "vqa_eval_annotations", "image_root")}
-
-
-@dataclass
-class EvalData:
-    task: str  # "caption" or "vqa"
-    records: Sequence[dict]  # a list, or a lazy dataset whose skipped (bad) items are falsy
-    references: dict[str, list[str]] | None  # captioning: image_id -> references
-    splits: Splits
-    description: dict[str, Any]
-
-
-def load_eval_data(cfg: RunConfig, collator, split: str = "eval", size: int | None = None) -> EvalData:
-    """The run's ``split`` as its recipe defines it; ``size`` overrides the split's size (synthetic) or cap
-    (real datasets: the first N). ``train`` is offered for the synthetic task only (its records carry their
-    references; a real training split holds one item per caption)."""
-    if split not in ("eval", "train"):
-        raise ValueError(f"--split {split!r}: choose eval or train")
-    data = cfg.data
-    if split == "train" and data.name != "synthetic":
-        raise ValueError(f"--split train: only for the synthetic task (data.name is {data.name!r})")
-    if size is not None:
-        if size < 1:
-            raise ValueError(f"the number of samples must be >= 1, got {size}")
-        data = dataclasses.replace(data, **{f"{split}_size": size})
-    if split == "eval" and data.name == "synthetic":
-        data = dataclasses.replace(data, train_size=1)  # load_splits renders both splits: skip unused images
-    splits = load_splits(data, collator)
-    if split == "eval":
-        records, references = splits.eval, splits.references
-    else:
-        records, references = splits.train, {r["image_id"]: r["captions"] for r in splits.train}
-    description = {"source": data.name, "split": split, "size": len(records), "prompt": data.prompt,
-                   **{k: getattr(data, k) for k in _SOURCE_KEYS.get(data.name, ())}}
-    return EvalData(splits.task, records, references, splits, description)
-
+EVAL_ROWS = {"caption": "eval_captions.json", "vqa": "eval_answers.json"}  # per-item rows, by task
 
 # --- Settings and distribution -----------------------------------------------------------------------------
 
@@ -151,17 +107,6 @@ def zero3_inference_engine(model: torch.nn.Module, cfg: RunConfig, world_size: i
     return engine
 
 
-def _gather_captions(mine: dict[str, str], world: DistInfo) -> dict[str, str]:
-    if world.world_size == 1:
-        return dict(mine)
-    from ptscale.training import engine as ds
-
-    merged: dict[str, str] = {}
-    for part in ds.gather_objects(mine):
-        merged.update(part)  # shard padding repeats records: the same id, the same caption
-    return merged
-
-
 # --- The evaluation ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -172,59 +117,18 @@ class EvalOutcome:
 
 def generate_all(model, collator, records: Sequence[dict], settings: EvalConfig, world: DistInfo,
                  ds_config: Path | None, cfg: RunConfig) -> dict[str, str]:
-    """key (image_id; question_id for VQA) -> generated text for every record, on every rank (gathered)."""
-    from ptscale.eval.generate import generate_captions
-
+    """key (image_id; question_id for VQA) -> generated text for every record, on every rank (gathered). Several
+    ranks shard the model in a ZeRO-3 inference engine for the duration."""
     if world.world_size == 1:
         model.to(local_device(world))
-        return generate_captions(model, collator, records, settings)
+        return generate_gathered(model, collator, records, settings, world)
     from ptscale.training import engine as ds
 
     engine = zero3_inference_engine(model, cfg, world.world_size, ds_config)
-    try:
-        mine = generate_captions(model, collator, records, settings, rank=world.rank, world=world.world_size,
-                                 synced=True)  # while the engine lives: its hooks gather the shards
-        return _gather_captions(mine, world)
+    try:  # while the engine lives: its hooks gather the shards
+        return generate_gathered(model, collator, records, settings, world, synced=True)
     finally:
         ds.release(engine)
-
-
-@dataclass
-class Scored:
-    """What a task's scorer hands back: the results-file fields and the per-item rows."""
-
-    fields: dict[str, Any]
-    rows: list[dict[str, Any]]
-    rows_file: str
-
-
-def score_caption_task(preds: dict[str, str], data: EvalData, spice: str) -> Scored:
-    from ptscale.eval.captioning import score_captions
-
-    refs = data.references or {}
-    scores = score_captions(preds, refs, spice=spice)
-    # References in data order: the order of the split, not of the ranks' shards.
-    ids = [i for i in refs if i in preds]
-    rows = [{"image_id": i, "caption": preds[i], "references": refs[i],
-             **{m: scores.per_image[i][m] for m in PER_IMAGE_HEADLINE}, "scores": scores.per_image[i]} for i in ids]
-    skipped = sorted(set(refs) - set(preds))  # bad images skipped by the data loader (on_bad_data=skip)
-    fields = {"metrics": scores.metrics, "unavailable": scores.unavailable, "n_images": scores.n_images,
-              "skipped": skipped, "empty_predictions": scores.empty_predictions, "warnings": scores.warnings}
-    return Scored(fields, rows, EVAL_CAPTIONS)
-
-
-def score_vqa_task(preds: dict[str, str], data: EvalData) -> Scored:
-    """The same metrics as the training recipe's VQA evaluation (official accuracy, in percent)."""
-    from ptscale.eval.vqa import load_ground_truth, vqa_accuracy
-
-    truth = load_ground_truth(data.splits.vqa_annotations, data.splits.vqa_questions)
-    answers = {int(k): v for k, v in preds.items()}
-    scores = vqa_accuracy(answers, truth)
-    metrics = {"VQA_accuracy": scores.overall, **{f"VQA_{t}": a for t, a in scores.per_answer_type.items()}}
-    rows = [{"question_id": q, "answer": a, "accuracy": scores.per_question.get(q)} for q, a in sorted(answers.items())]
-    fields = {"metrics": metrics, "unavailable": {}, "n_questions": scores.n_questions,
-              "n_unanswered": scores.n_unanswered, "notes": scores.notes}
-    return Scored(fields, rows, EVAL_ANSWERS)
 
 
 def evaluate_run(request: EvalRequest) -> EvalOutcome | None:
@@ -239,7 +143,7 @@ def evaluate_run(request: EvalRequest) -> EvalOutcome | None:
     preds = generate_all(run.model, run.collator, data.records, settings, world, request.ds_config, run.cfg)
     outcome = None
     if world.is_main:
-        scored = score_vqa_task(preds, data) if data.task == "vqa" else score_caption_task(preds, data, request.spice)
+        scored = score(preds, data, request.spice)
         out_dir = Path(request.out_dir) if request.out_dir else Path(request.run_dir) / "eval"
         results = {
             "run_dir": str(request.run_dir), "checkpoint": str(run.checkpoint), "task": data.task,
@@ -249,7 +153,7 @@ def evaluate_run(request: EvalRequest) -> EvalOutcome | None:
             "world_size": world.world_size, **scored.fields, "seconds": round(time.time() - t0, 2),
         }
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / scored.rows_file, json.dumps(scored.rows, indent=1))
+        write_text_atomic(out_dir / EVAL_ROWS[data.task], json.dumps(scored.rows, indent=1))
         write_text_atomic(out_dir / EVAL_RESULTS, json.dumps(results, indent=1))
         outcome = EvalOutcome(results, out_dir)
     if world.world_size > 1:

@@ -38,7 +38,7 @@ from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, coll
 from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
 from ptscale.errors import RunInterrupted, TrainingStopped
-from ptscale.eval.generate import generate_captions
+from ptscale.eval.evaluate import eval_data, generate_gathered, score
 from ptscale.models.backbone import Backbone, BackboneSource, load_backbone, resolve_source
 from ptscale.models.build import build_model, check_buildable
 from ptscale.models.feature_cache import VisionFeatureCache, fingerprint
@@ -187,6 +187,7 @@ class PTPEFTRecipe:
         self.collator = make_collator(self.source, cfg.data)
         self.splits = load_splits(cfg.data, self.collator)  # data errors before the model is built
         self.train_records, self.eval_records = self.splits.train, self.splits.eval
+        self.eval_data = eval_data(cfg.data, self.splits)
         check_buildable(cfg, self.source)
         self._checkpoint_read = None
         if self.resume is not None and self.resume.checkpoint is not None:
@@ -527,21 +528,21 @@ class PTPEFTRecipe:
 
     # --- evaluate -------------------------------------------------------------------------------------
     def evaluate(self, point: str, index: int, trainable: int = 0, total: int | None = None) -> None:
+        """The one evaluation path (ptscale.eval.evaluate), while the stage's engine lives: its hooks gather
+        ZeRO-3 shards for generation."""
         synced = self.zero3 and self.dist.world_size > 1
-        mine = generate_captions(self.model, self.collator, self.eval_records, self.cfg.eval,
-                                 rank=self.dist.rank, world=self.dist.world_size, synced=synced)
-        preds: dict[str, str] = {}
-        for part in ds.gather_objects(mine):
-            preds.update(part)  # duplicates from shard padding collapse here
+        preds = generate_gathered(self.model, self.collator, self.eval_data.records, self.cfg.eval, self.dist,
+                                  synced=synced)
         if total is None:
             total = sum(group_sizes(self.model).values())
         if self.dist.is_main:
-            metrics, unavailable, rows = self._score(preds)
+            scored = score(preds, self.eval_data)
+            metrics, unavailable = scored.fields["metrics"], scored.fields["unavailable"]
             step = self.progress.global_step
             self.results.append(EvalPoint(point, index, trainable, total, metrics, unavailable, step,
                                           self._eval_settings()))
             safe = point.replace(" ", "_")
-            write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(rows, indent=1))
+            write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(scored.rows, indent=1))
             self.logger.log(step, {"kind": "eval", "stage": point, **metrics})
             tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                        if k in METRICS + VQA_METRICS))
@@ -555,24 +556,6 @@ class PTPEFTRecipe:
         return {"data": d.name, "task": d.task if d.name == "synthetic" else self.splits.task,
                 "split": split, "size": len(self.eval_records),
                 "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens}
-
-    def _score(self, preds: dict[str, str]) -> tuple[dict[str, float], dict[str, str], list[dict]]:
-        """Metrics, unavailable metrics (with reasons), and per-item rows to save beside them."""
-        if self.splits.task == "vqa":
-            from ptscale.eval.vqa import load_ground_truth, vqa_accuracy
-
-            truth = load_ground_truth(self.splits.vqa_annotations, self.splits.vqa_questions)
-            scores = vqa_accuracy({int(k): v for k, v in preds.items()}, truth)
-            metrics = {"VQA_accuracy": scores.overall, **{f"VQA_{t}": a for t, a in scores.per_answer_type.items()}}
-            rows = [{"question_id": int(k), "answer": v} for k, v in sorted(preds.items())]
-            return metrics, {}, rows
-        from ptscale.eval.captioning import score_captions
-
-        refs = {k: self.splits.references[k] for k in preds}
-        scores = score_captions(preds, refs)
-        rows = [{"image_id": k, "caption": v, "references": refs[k], **scores.per_image.get(k, {})}
-                for k, v in sorted(preds.items())]
-        return scores.metrics, scores.unavailable, rows
 
     def _write_results(self) -> None:
         write_text_atomic(self.run_dir / "results.json", json.dumps(

@@ -13,7 +13,8 @@ import pytest
 
 from ptscale.cli import main
 from ptscale.config import EvalConfig, RunConfig, load_recipe
-from ptscale.eval.run_eval import EVAL_CAPTIONS, EVAL_RESULTS, EvalRequest, generation_settings, load_eval_data
+from ptscale.eval.evaluate import load_eval_data
+from ptscale.eval.run_eval import EVAL_RESULTS, EVAL_ROWS, EvalRequest, generation_settings
 from ptscale.training.engine import free_port
 from tests.runs_fixture import ROOT, tiny_runs  # noqa: F401
 
@@ -29,7 +30,7 @@ def _final(run: Path) -> tuple[dict, dict[str, str]]:
 
 
 def _written(out: Path) -> tuple[dict, list[dict]]:
-    return json.loads((out / EVAL_RESULTS).read_text()), json.loads((out / EVAL_CAPTIONS).read_text())
+    return json.loads((out / EVAL_RESULTS).read_text()), json.loads((out / EVAL_ROWS["caption"]).read_text())
 
 
 def test_one_process_reproduces_the_runs_final_evaluation(tiny_runs, tmp_path, capsys):  # noqa: F811
