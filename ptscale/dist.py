@@ -1,15 +1,19 @@
 """The ground floor for distributed facts: who this rank is, and the few collectives every layer uses.
 
 torch.distributed only (no DeepSpeed, which takes seconds to import): evaluation on one rank, the recipe and the
-engine share these. The process group itself is made by ``training.engine.init_distributed``.
+engine share these. The process group itself is made by ``training.engine.init_distributed``. ``gathered`` is
+the one DeepSpeed call below the engine: it imports DeepSpeed only when a parameter is ZeRO-3 partitioned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,18 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full ZeRO-3 parameters inside the block (a no-op without ZeRO-3). ``generate`` reads top-level
+    parameters (BLIP-2's query_tokens) outside any module forward, where ZeRO-3's hooks would not gather
+    them; saving and loading prefixes read and write whole tensors (``modifier_rank``: the rank whose
+    writes are kept)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield

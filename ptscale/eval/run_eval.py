@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ptscale.checkpoint import write_text_atomic
-from ptscale.config import DEFAULT_DS, EvalConfig, RunConfig, StageConfig
+from ptscale.config import DEFAULT_DS, EvalConfig, RunConfig
 from ptscale.dist import ALONE, DistInfo
 from ptscale.eval.evaluate import generate_gathered, load_eval_data, score
 
@@ -87,26 +87,6 @@ def local_device(world: DistInfo) -> torch.device:
     return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def zero3_inference_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, ds_config: Path | None):
-    """A ZeRO-3 engine with no optimizer: DeepSpeed builds only its parameter partitioning and gather hooks
-    (DeepSpeedZeRoOffload). Nothing requires grad, so no gradient hooks or fp32 partitions are made."""
-    import deepspeed
-
-    from ptscale.training import engine as ds
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    template = ds.load_ds_template(ds_config or DEFAULT_DS)
-    if ds.zero_stage(template) != 3:
-        raise ValueError(f"{ds_config}: evaluation on several ranks shards the model with ZeRO stage 3; "
-                         "this config sets another stage")
-    # batch_size=1: the "auto" micro-batch must resolve to something; inference never reads it.
-    ds_cfg = ds.resolve_ds_config(template, StageConfig(train=["prefix"], batch_size=1), cfg.model.dtype,
-                                  world_size)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
-    return engine
-
-
 # --- The evaluation ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -124,7 +104,7 @@ def generate_all(model, collator, records: Sequence[dict], settings: EvalConfig,
         return generate_gathered(model, collator, records, settings, world)
     from ptscale.training import engine as ds
 
-    engine = zero3_inference_engine(model, cfg, world.world_size, ds_config)
+    engine = ds.inference_engine(model, ds_config or DEFAULT_DS, cfg.model.dtype, world.world_size)
     try:  # while the engine lives: its hooks gather the shards
         return generate_gathered(model, collator, records, settings, world, synced=True)
     finally:

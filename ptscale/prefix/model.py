@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ptscale.config import PrefixConfig
+from ptscale.dist import gathered
 from ptscale.models.groups import numel
 from ptscale.prefix.attention import ATTN_IMPLEMENTATION, PrefixSlot, PrefixStore, attach
 from ptscale.prefix.encoder import FoldedPrefix, PrefixEncoder, PrefixShape
@@ -241,18 +242,3 @@ def prefix_parameter_report(model: PrefixTunedModel) -> dict[str, dict[str, floa
         n = sum(numel(p) for p in module.parameters())
         report[target] = {"params": n, "share": n / total}
     return report
-
-
-@contextlib.contextmanager
-def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
-    """Full ZeRO-3 parameters inside the block (a no-op without ZeRO-3). ``generate`` reads top-level
-    parameters (BLIP-2's query_tokens) outside any module forward, where ZeRO-3's hooks would not gather
-    them; saving and loading prefixes read and write whole tensors (``modifier_rank``: the rank whose
-    writes are kept)."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        yield

@@ -26,8 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ptscale.dist import gathered
 from ptscale.prefix.encoder import FoldedPrefix, PrefixEncoder
-from ptscale.prefix.model import LM_TARGET, PrefixTunedModel, gathered, position_family
+from ptscale.prefix.model import LM_TARGET, PrefixTunedModel, position_family
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

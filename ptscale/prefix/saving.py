@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ptscale.prefix.model import PrefixTunedModel, gathered
+from ptscale.dist import gathered
+from ptscale.prefix.model import PrefixTunedModel
 
 FORMAT = "ptscale-prefixes/1"
 

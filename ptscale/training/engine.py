@@ -182,6 +182,22 @@ def build_engine(module: nn.Module, stage: StageConfig, ds_cfg: dict, total_step
     return engine
 
 
+def inference_engine(module: nn.Module, ds_config: str | Path, dtype: str, world_size: int):
+    """A ZeRO-3 engine with no optimizer, for generation on several ranks: DeepSpeed builds only its parameter
+    partitioning and gather hooks (DeepSpeedZeRoOffload). Nothing requires grad, so no gradient hooks or fp32
+    partitions are made. Release it with :func:`release` like a training engine."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    template = load_ds_template(ds_config)
+    if zero_stage(template) != 3:
+        raise RecipeError(f"--ds {ds_config}: evaluation on several ranks shards the model with ZeRO stage 3; this "
+                          "config sets another stage")
+    # batch_size=1: the "auto" micro-batch must resolve to something; inference never reads it.
+    cfg = resolve_ds_config(template, StageConfig(train=["prefix"], batch_size=1), dtype, world_size)
+    engine, *_ = deepspeed.initialize(model=module, config=cfg)
+    return engine
+
+
 def release(engine) -> None:
     """Destroy a stage's engine so that nothing keeps it (or its optimizer state) alive."""
     optimizer = engine.optimizer

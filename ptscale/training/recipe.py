@@ -37,6 +37,7 @@ from ptscale.config import RecipeError, RunConfig, StageConfig, dump_recipe
 from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, collate_skipping
 from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
+from ptscale.dist import gathered
 from ptscale.errors import RunInterrupted, TrainingStopped
 from ptscale.eval.evaluate import eval_data, generate_gathered, score
 from ptscale.models.backbone import Backbone, BackboneSource, load_backbone, resolve_source
@@ -53,7 +54,7 @@ from ptscale.models.scale import (
     reset_peaks,
 )
 from ptscale.plans import prefixes_active
-from ptscale.prefix.model import gathered, prefix_parameter_report
+from ptscale.prefix.model import prefix_parameter_report
 from ptscale.rundir import RECIPE_FILE, RUN_INFO_FILE, Resume, check_backbone, new_run_dir, run_info
 from ptscale.training import engine as ds
 from ptscale.training.logger import MetricLogger
