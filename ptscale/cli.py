@@ -17,6 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from ptscale import console
+from ptscale.console import Verbosity
+
 log = logging.getLogger("ptscale")
 
 
@@ -123,12 +126,10 @@ def run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def setup_logging() -> None:
-    quiet = int(os.environ.get("RANK", "0")) != 0
-    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def setup_logging(verbosity: Verbosity = "default") -> None:
+    """ptscale's events at INFO as plain lines on rank 0, progress bars, real warnings; the library messages
+    that never concern the run silenced at their source (ptscale.console). --verbose / --quiet change it."""
+    console.setup_logging(verbosity)
 
 
 def _is_main_rank() -> bool:
@@ -145,15 +146,45 @@ def _one_line(kind: str, error: BaseException, everywhere: bool) -> None:
         print(f"ptscale: {kind}: {text}", file=sys.stderr)
 
 
+def add_global_args(p: argparse.ArgumentParser) -> None:
+    """Accepted anywhere on the command line (``main`` takes them out before a command's parser runs)."""
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="also DEBUG lines and libraries' INFO logs")
+    loud.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and results; no progress bars")
+
+
+GLOBAL_FLAGS = ("--debug", "-v", "--verbose", "-q", "--quiet")
+# parsed by a small parser of their own: no heavy import (torch, transformers, deepspeed) before they run
+LIGHT_COMMANDS = {"train": "add_train_args", "config": "add_config_args", "ls": "add_ls_args", "cp": "add_cp_args"}
+
+
+def add_ls_args(p: argparse.ArgumentParser) -> None:
+    from ptscale.listing import add_ls_args as add
+
+    add(p)
+
+
+def add_cp_args(p: argparse.ArgumentParser) -> None:
+    from ptscale.listing import add_cp_args as add
+
+    add(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ptscale import __version__
 
-    parser = argparse.ArgumentParser(prog="ptscale", description="Prefix-tuned PEFT (PT-PEFT) under DeepSpeed ZeRO-3")
+    parser = argparse.ArgumentParser(
+        prog="ptscale", description="Prefix-tuned PEFT (PT-PEFT) under DeepSpeed ZeRO-3",
+        epilog="start with: ptscale ls (what is supported), ptscale cp RECIPE my.yaml, ptscale train --recipe "
+               "my.yaml; every RUN_DIR argument is a run directory written by ptscale train")
     parser.add_argument("--version", action="version", version=f"ptscale {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command")
+    add_global_args(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_args(sub.add_parser("train", help="run a PT-PEFT recipe"))
     add_config_args(sub.add_parser("config", help="print the fully resolved recipe"))
+    add_ls_args(sub.add_parser("ls", help="presets, plans, parameter groups, LoRA targets, recipes, recipe keys"))
+    add_cp_args(sub.add_parser("cp", help="copy a shipped recipe to start from"))
     from ptscale.eval.score_cli import add_score_subparser
 
     add_score_subparser(sub)
@@ -174,6 +205,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_train(args)
     if args.command == "config":
         return run_config(args)
+    if args.command in ("ls", "cp"):
+        from ptscale import listing
+
+        return listing.run_ls(args) if args.command == "ls" else listing.run_cp(args)
     if args.command == "eval":
         from ptscale.eval.run_eval import run_eval_command
 
@@ -195,14 +230,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     return run_score(args)
 
 
+def _split_global(argv: list[str]) -> tuple[list[str], argparse.Namespace]:
+    """(argv without the global flags, the global flags): they work before or after the command."""
+    flags = argparse.ArgumentParser(add_help=False)
+    add_global_args(flags)
+    found = [a for a in argv if a in GLOBAL_FLAGS]
+    try:
+        options = flags.parse_args(found)
+    except SystemExit:  # -v with -q: argparse has printed why
+        raise SystemExit(2) from None
+    return [a for a in argv if a not in GLOBAL_FLAGS], options
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    if argv[:1] == ["train"] or argv[:1] == ["config"]:
-        # parsed with their own small parser: no heavy import before the recipe is read
+    argv, options = _split_global(argv)
+    if argv[:1] and argv[0] in LIGHT_COMMANDS:
         parser = argparse.ArgumentParser(prog=f"ptscale {argv[0]}")
-        (add_train_args if argv[0] == "train" else add_config_args)(parser)
+        add_global_args(parser)  # shown in --help; already taken out of argv
+        globals()[LIGHT_COMMANDS[argv[0]]](parser)
         args = parser.parse_intermixed_args(argv[1:])  # key=value overrides before and after the options
         args.command = argv[0]
     else:
@@ -211,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-    setup_logging()
-    return run_guarded(lambda: _dispatch(args), debug)
+    setup_logging("verbose" if options.verbose else "quiet" if options.quiet else "default")
+    return run_guarded(lambda: _dispatch(args), options.debug)
 
 
 # (module, class name) -> exit code, kind of message, printed by every rank. Looked up in sys.modules: an

@@ -27,51 +27,61 @@ __all__ = ["RecipeError", "RunConfig", "StageConfig", "MethodConfig", "load_reci
 log = logging.getLogger("ptscale")
 
 
+def _doc(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A field with its meaning (``help``) beside its default: docs/recipe.md and ``ptscale ls keys`` are generated
+    from these (ptscale.docs)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    preset: str = "tiny-blip2-opt"  # a named architecture (see ptscale.models.presets)
-    path: str | None = None  # local HF checkpoint directory; overrides the preset's weights
-    pretrain_steps: int = 1500  # for the embedded default backbone (pre-trained once, cached); 0: random weights
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_checkpointing: bool = False
-    # Frozen base weights stored in 4 bits (nf4 / fp4, QLoRA-style: double quantisation, packed in the model
-    # dtype so ZeRO-3 can shard them) or 8 bits (int8), through bitsandbytes; for prefix / LoRA / adapter
-    # stages. Needs a checkpoint (model.path or the embedded default); int8 is not sharded by ZeRO-3 (zero2 only).
-    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    preset: str = _doc("tiny-blip2-opt", "a named architecture (`ptscale ls presets`); tiny-blip2-opt is "
+                       "pre-trained once and cached, the others are geometries (random weights without model.path)")
+    path: str | None = _doc(None, "local HF BLIP-2 checkpoint directory (weights, tokenizer, image processor); "
+                            "overrides the preset's weights")
+    pretrain_steps: int = _doc(1500, "pre-training steps of the embedded default backbone (once, cached); "
+                               "0: random weights")
+    dtype: Literal["fp32", "bf16", "fp16"] = _doc("fp32", "parameter and compute dtype")
+    gradient_checkpointing: bool = _doc(False, "recompute activations in the backward pass (less memory)")
+    quantization: Literal["none", "nf4", "fp4", "int8"] = _doc("none", (
+        "frozen base weights stored in 4 bits (nf4 / fp4, QLoRA-style: double quantisation, packed in the model "
+        "dtype so ZeRO-3 can shard them) or 8 bits (int8) through bitsandbytes; for prefix / LoRA / adapter stages. "
+        "Needs a checkpoint (model.path or the embedded default); int8 is not sharded by ZeRO-3 (zero2 only)"))
 
 
 @dataclass
 class PrefixConfig:
-    # prefix length per target module; 0 or absent = no prefix there. BLIP-2 captioning: 8 / 8 (paper table 8).
-    # Targets (ptscale.prefix.targets): qformer, vision, language_model (every LM self-attention), and for
-    # encoder-decoder LMs (T5) encoder / decoder separately.
-    lengths: dict[str, int] = field(default_factory=lambda: {"qformer": 8, "language_model": 8})
-    # classic: prefix K/V inside the softmax (Li & Liang); plus: Prefix-Tuning+ (a gated linear-attention
-    # memory outside the softmax, ptscale.prefix.plus)
-    kind: Literal["classic", "plus"] = "classic"
-    # mlp: Linear-Tanh-Linear re-parameterisation (paper fig. 6); linear: one linear projection (table 10
-    # "w/o MLP"); none: raw per-layer key/value parameters (table 10 "w/o encoder")
-    encoder: Literal["mlp", "linear", "none"] = "mlp"
-    # width of the MLP re-parameterisation; 64 suits the tiny default model (Li & Liang used 512 for GPT-2
-    # medium: set it for a real model)
-    encoder_hidden: int = 64
-    type_embedding: bool = True  # the paper's prefix type embedding (appendix B.1, fig. 6; table 10 ablation)
-    init_std: float = 0.02
-    feature_map: Literal["elu1", "relu", "identity"] = "elu1"  # kind=plus only: phi of the memory term
-    # position ids of the real tokens of a decoder-only LM with a language_model prefix of length P: shift = P..P+L-1
-    # (Li & Liang 2021, HF PEFT: the prefix occupies the first positions); keep = 0..L-1. README "Prefixes".
-    positions: Literal["shift", "keep"] = "shift"
+    lengths: dict[str, int] = _doc(help=(
+        "prefix length per target module; 0 or absent = no prefix there (BLIP-2 captioning: 8 / 8, paper table "
+        "8). Targets: qformer, vision, language_model (every LM self-attention), and for encoder-decoder LMs (T5) "
+        "encoder / decoder separately"), factory=lambda: {"qformer": 8, "language_model": 8})
+    kind: Literal["classic", "plus"] = _doc("classic", (
+        "classic: prefix keys/values inside the softmax (Li & Liang); plus: Prefix-Tuning+ (a gated "
+        "linear-attention memory outside the softmax, ptscale.prefix.plus)"))
+    encoder: Literal["mlp", "linear", "none"] = _doc("mlp", (
+        "mlp: Linear-Tanh-Linear re-parameterisation (paper fig. 6); linear: one linear projection (table 10 "
+        "'w/o MLP'); none: raw per-layer key/value parameters (table 10 'w/o encoder')"))
+    encoder_hidden: int = _doc(64, "width of the MLP re-parameterisation; 64 suits the tiny default model (Li & "
+                               "Liang used 512 for GPT-2 medium: set it for a real model)")
+    type_embedding: bool = _doc(True, "the paper's prefix type embedding (appendix B.1, fig. 6; table 10 ablation)")
+    init_std: float = _doc(0.02, "standard deviation of the prefix parameters' initialisation")
+    feature_map: Literal["elu1", "relu", "identity"] = _doc("elu1", "kind=plus only: phi of the memory term")
+    positions: Literal["shift", "keep"] = _doc("shift", (
+        "position ids of the real tokens of a decoder-only LM with a language_model prefix of length P: shift = "
+        "P..P+L-1 (Li & Liang 2021, HF PEFT: the prefix occupies the first positions); keep = 0..L-1 "
+        "(README 'Prefixes')"))
 
 
 @dataclass
 class LoraConfig:
-    # modules per component that get LoRA (paper: q, k, v of the Q-Former self-attention for BLIP-2, table 8);
-    # names match module-path suffixes on a dot boundary, so "query" alone would also take the cross-attention
-    targets: dict[str, list[str]] = field(default_factory=lambda: {
+    targets: dict[str, list[str]] = _doc(help=(
+        "modules per component (vision, qformer, language_model) that get LoRA; names match module-path suffixes "
+        "on a dot boundary, so 'query' alone would also take the cross-attention (`ptscale ls targets` lists "
+        "them). Paper: q, k, v of the Q-Former self-attention (table 8)"), factory=lambda: {
         "qformer": ["attention.attention.query", "attention.attention.key", "attention.attention.value"]})
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = _doc(16, "rank of the LoRA update")
+    alpha: int = _doc(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = _doc(0.05, "dropout on the LoRA input, training only")
 
 
 Component = Literal["vision", "qformer", "language_model"]
@@ -125,52 +135,55 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "coco", "flickr30k", "vqav2"] = "synthetic"
-    task: str = "downstream"  # synthetic: "pretrain" (broad) or "downstream" (the adaptation task)
-    # synthetic: split sizes; real datasets: caps on the examples used (the first N; 0 = all)
-    train_size: int = 1024
-    eval_size: int = 64
-    seed: int = 1234
-    prompt: str = ""  # text before the caption (BLIP-2 uses "a photo of"); VQA: a template with {}
-    max_text_len: int = 24
-    on_bad_data: Literal["error", "skip"] = "error"  # a missing/corrupt image, an empty caption, ...
-    # COCO / Flickr30k in the Karpathy split: dataset_coco.json / dataset_flickr30k.json + the image root
-    karpathy_json: str | None = None
-    image_root: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    # VQAv2: the official questions / annotations JSON of the training and evaluation splits
-    vqa_train_questions: str | None = None
-    vqa_train_annotations: str | None = None
-    vqa_eval_questions: str | None = None
-    vqa_eval_annotations: str | None = None
+    name: Literal["synthetic", "coco", "flickr30k", "vqav2"] = _doc("synthetic", "the dataset (README 'Data')")
+    task: str = _doc("downstream", "synthetic only: pretrain (the broad distribution) or downstream (the "
+                     "adaptation task)")
+    train_size: int = _doc(1024, "synthetic: the training split's size; real datasets: a cap on the examples "
+                           "used (the first N; 0 = all)")
+    eval_size: int = _doc(64, "synthetic: the evaluation split's size; real datasets: a cap (the first N; 0 = all)")
+    seed: int = _doc(1234, "seed of the synthetic data")
+    prompt: str = _doc("", "text before the caption (BLIP-2 uses 'a photo of'); VQA: a template with {} for the "
+                       "question")
+    max_text_len: int = _doc(24, "caption tokens kept per example (a longer caption is cut before its EOS)")
+    on_bad_data: Literal["error", "skip"] = _doc("error", (
+        "a missing/corrupt image, an empty caption, ...: error stops the run naming the record (exit 3); skip "
+        "drops it and counts it at each epoch end"))
+    karpathy_json: str | None = _doc(None, "coco / flickr30k: the Karpathy split file (dataset_coco.json, "
+                                     "dataset_flickr30k.json)")
+    image_root: str | None = _doc(None, "coco / flickr30k / vqav2: the directory the image paths are relative to")
+    train_split: str = _doc("train", "coco / flickr30k: the Karpathy split used for training")
+    eval_split: str = _doc("test", "coco / flickr30k: the Karpathy split used for evaluation")
+    vqa_train_questions: str | None = _doc(None, "vqav2: the official questions JSON of the training split")
+    vqa_train_annotations: str | None = _doc(None, "vqav2: the official annotations JSON of the training split")
+    vqa_eval_questions: str | None = _doc(None, "vqav2: the official questions JSON of the evaluation split")
+    vqa_eval_annotations: str | None = _doc(None, "vqav2: the official annotations JSON of the evaluation split")
 
 
 @dataclass
 class EvalConfig:
-    before_training: bool = True
-    num_beams: int = 5
-    max_new_tokens: int = 16
-    min_new_tokens: int = 1
-    batch_size: int = 32
+    before_training: bool = _doc(True, "evaluate the model before the first stage")
+    num_beams: int = _doc(5, "beam search width of generation (1: greedy)")
+    max_new_tokens: int = _doc(16, "longest generated caption / answer, in tokens")
+    min_new_tokens: int = _doc(1, "shortest generated caption / answer, in tokens")
+    batch_size: int = _doc(32, "images per generate call, per rank")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 50  # also at every stage end; 0 = stage ends only
-    keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a newer one is complete)
+    every_steps: int = _doc(50, "checkpoint every N optimizer steps (also at every stage end); 0 = stage ends only")
+    keep_last: int = _doc(2, "complete checkpoints kept (older ones are deleted after a newer one is complete)")
 
 
 @dataclass
 class FeatureCacheConfig:
-    # Cache the frozen vision encoder's outputs in stages where it is frozen and carries no prefix or
-    # tuner, and the Q-Former's query tokens are frozen too (e.g. the prefix stage).
-    enabled: bool = True
-    directory: str | None = None  # also keep them on disk (reused by later runs); None = memory only
+    enabled: bool = _doc(True, (
+        "cache the frozen vision encoder's outputs in stages where it is frozen and carries no prefix or tuner, "
+        "and the Q-Former's query tokens are frozen too (e.g. the prefix stage)"))
+    directory: str | None = _doc(None, "also keep them on disk (reused by later runs); null = memory only")
 
 
-def _method(**kw: Any) -> Any:
-    return field(default_factory=lambda: MethodConfig(**kw))
+def _method(help: str, **kw: Any) -> Any:
+    return field(default_factory=lambda: MethodConfig(**kw), metadata={"help": help})
 
 
 @dataclass
@@ -178,10 +191,10 @@ class MethodsConfig:
     """Per-method stage hyper-parameters for a named plan (the rows of the paper's tables 12-14, scaled to the
     tiny default model)."""
 
-    prefix: MethodConfig = _method(epochs=3.0, lr=5e-3, warmup_ratio=0.05)
-    lora: MethodConfig = _method(epochs=2.0, lr=1e-3, warmup_ratio=0.05)
-    adapter: MethodConfig = _method(epochs=2.0, lr=1e-3, warmup_ratio=0.05)
-    full: MethodConfig = _method(epochs=2.0, lr=1e-4, warmup_ratio=0.05)
+    prefix: MethodConfig = _method("prefix-tuning stages", epochs=3.0, lr=5e-3, warmup_ratio=0.05)
+    lora: MethodConfig = _method("LoRA stages (and prefix+lora)", epochs=2.0, lr=1e-3, warmup_ratio=0.05)
+    adapter: MethodConfig = _method("adapter stages (and prefix+adapter)", epochs=2.0, lr=1e-3, warmup_ratio=0.05)
+    full: MethodConfig = _method("full fine-tuning stages (and prefix+full)", epochs=2.0, lr=1e-4, warmup_ratio=0.05)
 
 
 @dataclass
@@ -189,22 +202,25 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    adapter: AdapterConfig | None = None  # S-Adapter / P-Adapter for stages that train "adapter"
+    adapter: AdapterConfig | None = _doc(None, "S-Adapter / P-Adapter for stages that train 'adapter' (no section: "
+                                         "no adapters)")
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # A named stage plan (see ptscale.plans), e.g. "prefix->lora"; its stages take their hyper-parameters from
-    # `methods`. Or explicit `stages` instead (then no plan and no methods).
-    plan: str | None = None
+    plan: str | None = _doc(None, (
+        "a named stage plan (`ptscale ls plans`), e.g. prefix->lora; its stages take their hyper-parameters from "
+        "methods (the embedded default recipe names prefix->lora). Or explicit stages instead (then no plan and no "
+        "methods)"))
     methods: MethodsConfig = field(default_factory=MethodsConfig)
-    stages: list[StageConfig] = field(default_factory=list)
+    stages: list[StageConfig] = _doc(help="explicit stages, instead of a plan", factory=list)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     feature_cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
-    max_nonfinite_in_row: int = 5  # consecutive skipped non-finite losses before the run stops
-    check_frozen: bool = True  # hash every parameter around each stage: frozen groups must not move
-    seed: int = 0
-    output_dir: str = "runs"
-    run_name: str | None = None  # default: <timestamp>
-    log_every: int = 10
+    max_nonfinite_in_row: int = _doc(5, "consecutive skipped non-finite losses before the run stops")
+    check_frozen: bool = _doc(True, "hash every parameter around each stage: frozen groups must not move, trained "
+                              "ones must")
+    seed: int = _doc(0, "seed of initialisation, data order and dropout")
+    output_dir: str = _doc("runs", "where run directories are created")
+    run_name: str | None = _doc(None, "the run directory's name under output_dir (null: a timestamp)")
+    log_every: int = _doc(10, "optimizer steps between metric records (metrics.jsonl, TensorBoard)")
 
 
 DEFAULT_RECIPE = "default.yaml"

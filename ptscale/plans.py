@@ -30,21 +30,23 @@ class MethodConfig:
     """One method's stage hyper-parameters (a row of the paper's tables 12-14). The plan decides which
     parameter groups each stage trains, so there is no ``train`` here."""
 
-    epochs: float = 1.0
-    steps: int | None = None  # overrides epochs when set (optimizer steps)
-    lr: float = 1e-3
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.01
-    batch_size: int = 16  # micro-batch per rank
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    evaluate: bool = True  # evaluate at the end of this stage
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training split"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs when set"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate of AdamW (betas 0.9, 0.99)"})
+    warmup_ratio: float = field(default=0.0, metadata={
+        "help": "share of the stage's steps with linear warm-up (then linear decay to 0)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=16, metadata={"help": "micro-batch per rank"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    evaluate: bool = field(default=True, metadata={"help": "evaluate at the end of this stage"})
 
 
 @dataclass
 class StageConfig(MethodConfig):
-    name: str = ""
-    train: list[str] = field(default_factory=list)  # parameter groups that train in this stage
+    name: str = field(default="", metadata={"help": "the stage's name in logs, checkpoints and results"})
+    train: list[str] = field(default_factory=list, metadata={
+        "help": "parameter groups that train in this stage (`ptscale ls groups`)"})
 
 
 def _check(method: str, plan: str) -> str:

@@ -22,7 +22,8 @@ as a count, a fraction of the spectrum length and a percentage of the reference'
 The default reference is the pre-trained backbone itself (the first run's, loaded fresh: no prefix, no
 LoRA/adapter), which every run must share. ``--reference RUN_DIR`` compares against another run instead.
 
-Writes ``analysis.json`` and ``spectrum_<path>.png`` (all models overlaid, as figure 4) into ``--out``
+Writes ``analysis.json`` and ``spectrum_<path>.png`` + ``.pdf`` (all models overlaid, as figure 4, labelled by
+each run's plan and where its parameters sit) into ``--out``
 (default: the run directory when one run is given; required for several), and each run's own
 ``RUN_DIR/analysis.json`` (the reference and that run), which ``ptscale report`` reads.
 
@@ -174,11 +175,52 @@ def _run_names(run_dirs: list[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in run_dirs]
 
 
+_COMPONENTS = {"vision": "ViT", "qformer": "Q-Former", "language_model": "LM", "encoder": "LM encoder",
+               "decoder": "LM decoder"}
+_BASE_GROUPS = ("vision", "qformer", "projection", "language_model")  # the "full" alias (models.groups)
+
+
+def _short_targets(targets: list[str]) -> str:
+    """``attention.attention.query`` -> ``query``; whole names where the last parts would collide."""
+    last = [t.rsplit(".", 1)[-1] for t in targets]
+    return "/".join(last if len(set(last)) == len(last) else targets)
+
+
+def placement(cfg: RunConfig) -> str:
+    """Where the run's trained parameters sit: prefix lengths per target, LoRA rank and modules, adapters,
+    fine-tuned towers; what a figure's reader needs to tell runs apart."""
+    trained = {g for stage in cfg.stages for g in stage.train}
+    parts = []
+    if "prefix" in trained:
+        parts.append("prefix " + ", ".join(f"{_COMPONENTS.get(t, t)} {n}" for t, n in cfg.prefix.lengths.items()
+                                           if n > 0))
+    if "lora" in trained:
+        parts += [f"LoRA r{cfg.lora.r} {_COMPONENTS[c]} {_short_targets(t)}" for c, t in cfg.lora.targets.items() if t]
+    if "adapter" in trained and cfg.adapter is not None:
+        kind = "S-Adapter" if cfg.adapter.kind == "sequential" else "P-Adapter"
+        parts.append(f"{kind} {'+'.join(_COMPONENTS[c] for c in cfg.adapter.components)}")
+    tuned = [g for g in _BASE_GROUPS if g in trained]
+    if tuned:
+        parts.append("full FT" if len(tuned) == len(_BASE_GROUPS) else "tuned " + "+".join(
+            _COMPONENTS.get(g, g) for g in tuned))
+    return "; ".join(parts)
+
+
+def run_label(cfg: RunConfig) -> str:
+    """``prefix->lora (prefix Q-Former 8, LM 8; LoRA r16 Q-Former query/key/value)``: the plan (or the explicit
+    stages' groups) and the placement, for legends."""
+    plan = cfg.plan or " -> ".join("+".join(stage.train) for stage in cfg.stages)
+    where = placement(cfg)
+    return f"{plan} ({where})" if where else plan
+
+
 def run_subject(run_dir: Path, name: str, role: str = "run") -> Subject:
     from ptscale.runs import load_run
 
     run = load_run(run_dir)
-    info = {"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "backbone": str(_backbone_dir(run.cfg))}
+    label = run_label(run.cfg)
+    info = {"label": label if role == "run" else f"reference: {label}", "run_dir": str(run_dir),
+            "checkpoint": str(run.checkpoint), "backbone": str(_backbone_dir(run.cfg))}
     return Subject(name, role, run.model, run.collator, info)
 
 
@@ -192,7 +234,7 @@ def pretrained_subject(cfg: RunConfig) -> Subject:
     collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
                                backbone.image_token_id, prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
     return Subject("pre-trained", "reference", backbone.model.eval(), collator,
-                   {"run_dir": None, "checkpoint": None, "backbone": str(path)})
+                   {"label": "pre-trained backbone", "run_dir": None, "checkpoint": None, "backbone": str(path)})
 
 
 def _check_same_backbone(run_dirs: list[Path]) -> None:
@@ -286,12 +328,20 @@ def analyze_runs(request: AnalyzeRequest) -> dict[str, Any] | None:
     for run_dir, entry in zip(run_dirs, run_entries, strict=True):
         if run_dir.resolve() != out_dir.resolve():  # each run keeps its own numbers for `ptscale report`
             _write_json(run_dir / ANALYSIS_JSON, {**document, "models": [ref_entry, entry]})
+    labels = legend_labels(document["models"])
     for path, description in PATHS.items():
-        curves = {e["name"]: torch.tensor(e["paths"][path]["cumulative"], dtype=torch.float64)
-                  for e in document["models"]}
-        plot_spectra(curves, out_dir / f"spectrum_{path}.png", threshold=request.threshold,
-                     title=f"{path}: {description.split(',')[0]}")
+        curves = {label: torch.tensor(e["paths"][path]["cumulative"], dtype=torch.float64)
+                  for label, e in zip(labels, document["models"], strict=True)}
+        plot_spectra(curves, out_dir / f"spectrum_{path}.png", threshold=request.threshold, reference=labels[0],
+                     title=f"{description} ({data['size']} {request.split} samples)")
     return {**document, "out_dir": str(out_dir)}
+
+
+def legend_labels(entries: list[dict[str, Any]]) -> list[str]:
+    """Each model's label; runs with the same plan and placement (seeds, learning rates) get their name added."""
+    labels = [e.get("label", e["name"]) for e in entries]
+    return [f"{label} [{e['name']}]" if labels.count(label) > 1 else label for label, e in zip(labels, entries,
+                                                                                             strict=True)]
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ the spectrum length; Table 1 reports it relative to the pre-trained model's (``E
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,40 +137,68 @@ def effective_rank(spec: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> 
     return EffectiveRank(count=count, fraction=count / spec.numel(), threshold=threshold, length=spec.numel())
 
 
+# Line styles cycled with the colours: curves that coincide (a path no run changed, e.g. the vision encoder in a
+# Q-Former-only recipe) stay visible as dashes over the reference's wide grey line.
+_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1)))
+
+
 def plot_spectra(
     curves: Mapping[str, torch.Tensor],
     path: str | Path,
     *,
     threshold: float = DEFAULT_THRESHOLD,
     title: str | None = None,
+    reference: str | None = None,
 ) -> Path:
-    """Write a PNG overlaying cumulative spectra (Figure 4): x = i / M, y = cumulative normalised σ.
+    """Write ``path`` (PNG, 200 dpi) and the same figure as vector PDF beside it, overlaying cumulative spectra
+    (Figure 4): x = i / M, y = cumulative normalised singular values.
 
-    ``curves`` maps a run name to its cumulative curve (``cumulative(spectrum(...))``); curves of different
-    lengths share the normalised x axis. A dashed line marks ``threshold``.
+    ``curves`` maps a legend label to its cumulative curve (``cumulative(spectrum(...))``); curves of different
+    lengths share the normalised x axis. ``reference`` names the curve drawn as a wide grey line beneath the
+    others. A dashed line marks ``threshold``; a dot marks where each curve reaches it, whose x is the
+    effective rank as a share of the spectrum (given in the legend). The legend sits right of the axes.
     """
     if not curves:
         raise ValueError("no curves to plot")
     # Figure + Agg canvas directly: no pyplot global state, no display backend needed.
-    fig = Figure(figsize=(5.0, 4.0), dpi=100)
+    fig = Figure(figsize=(8.0, 4.0), dpi=200)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    others = 0
     for name, y in curves.items():
         y = y.detach().to("cpu", torch.float64)
         x = torch.arange(1, y.numel() + 1, dtype=torch.float64) / y.numel()
-        ax.plot(x.numpy(), y.numpy(), label=f"{name} (r={effective_rank_from_cumulative(y, threshold):.2f})")
-    ax.axhline(threshold, color="gray", linestyle="--", linewidth=1)
+        rank = effective_rank_from_cumulative(y, threshold)
+        # wrapped: long plan + placement labels would otherwise make the legend wider than the axes
+        label = textwrap.fill(f"{name}: {100 * rank:.0f}%", 48, subsequent_indent="  ")
+        if name == reference:
+            style = {"color": "0.6", "linewidth": 5.0, "linestyle": "-", "zorder": 1, "alpha": 0.8}
+        else:
+            style = {"color": f"C{others % 10}", "linewidth": 1.6, "linestyle": _STYLES[others % len(_STYLES)],
+                     "zorder": 2 + others}
+            others += 1
+        line = ax.plot(x.numpy(), y.numpy(), label=label, **style)[0]
+        # the first point of the curve at or above the threshold: its x is the effective rank
+        first = round(rank * y.numel()) - 1
+        ax.plot([float(x[first])], [float(y[first])], marker="o", markersize=4, color=line.get_color(), zorder=10)
+    ax.axhline(threshold, color="0.3", linestyle="--", linewidth=0.8)
+    ax.annotate(f"{threshold:g} of the total", (1.0, threshold), xytext=(-4, -10), textcoords="offset points",
+                ha="right", fontsize=8, color="0.3")
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(0.0, 1.02)
-    ax.set_xlabel("normalised singular value index")
-    ax.set_ylabel("cumulative normalised singular values")
+    ax.set_xlabel("singular value index i / M (descending; M values per sample)")
+    ax.set_ylabel("cumulative share of the singular values")
+    ax.grid(True, linewidth=0.3, alpha=0.5)
     if title:
-        ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+        ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, borderaxespad=0.0,
+              title=f"effective rank: share of the spectrum needed\nto reach {threshold:g} (the dot: first point at or "
+                    "above\nthe dashed line)",
+              title_fontsize=8, alignment="left")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), format="pdf", bbox_inches="tight")
     return path
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ptscale.config import EvalConfig
+from ptscale.console import progress
 from ptscale.data.collate import CaptionCollator
 
 
@@ -39,6 +40,9 @@ def generate_captions(model, collator: CaptionCollator, records: Sequence[dict],
     mine = shard(list(range(len(records))), rank, world)
     out: dict[str, str] = {}
     stand_in = None
+    # rank 0's shard stands for all (every rank has as many batches); the bar goes when done (leave=False):
+    # the evaluation's result line follows
+    bar = progress(total=len(mine), desc="evaluating", unit="img", leave=False, rank=rank)
     for i in range(0, len(mine), cfg.batch_size):
         chunk = [r for r in (records[j] for j in mine[i:i + cfg.batch_size]) if r]  # skipped items are falsy
         discard = not chunk
@@ -50,11 +54,13 @@ def generate_captions(model, collator: CaptionCollator, records: Sequence[dict],
         batch = {k: v.to(device) for k, v in collator.generation_batch(chunk).items()}
         ids = model.generate(**batch, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                              min_new_tokens=cfg.min_new_tokens, do_sample=False, synced_gpus=synced)
+        bar.update(len(mine[i:i + cfg.batch_size]))
         if discard:
             continue
         new_tokens = ids[:, batch["input_ids"].shape[1]:]  # generate returns the prompt too
         texts = collator.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for record, text in zip(chunk, texts, strict=True):
             out[record_key(record)] = text.strip()
+    bar.close()
     model.train(was_training)
     return out

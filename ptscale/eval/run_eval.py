@@ -1,9 +1,12 @@
 """``ptscale eval``: caption a saved run's evaluation split, score it, write the results.
 
-    ptscale eval --checkpoint RUN_DIR [--ckpt CKPT_DIR] [--split eval] [--num-beams N]
+    ptscale eval RUN_DIR [--ckpt CKPT_DIR] [--split eval] [--num-beams N]
                  [--max-new-tokens N] [--min-new-tokens N] [--batch-size N] [--spice auto|require|off]
                  [--out DIR]
-    deepspeed --num_gpus 2 launchers/eval.py --checkpoint RUN_DIR ...
+    deepspeed --num_gpus 2 launchers/eval.py RUN_DIR ...
+
+RUN_DIR is positional, as for ``analyze``, ``report`` and ``export``; ``--checkpoint RUN_DIR`` (its old spelling)
+still works and prints one deprecation line.
 
 The run is loaded with :func:`ptscale.runs.load_run` (recipe + newest checkpoint, no DeepSpeed), so the
 same weights load on any number of ranks. Generation settings default to the run's own ``eval`` section:
@@ -25,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,8 +150,10 @@ def evaluate_run(request: EvalRequest) -> EvalOutcome | None:
 # --- Command line ------------------------------------------------------------------------------------------
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, metavar="RUN_DIR",
-                   help="a run directory written by launchers/train.py")
+    p.add_argument("run_dir", type=Path, nargs="?", default=None, metavar="RUN_DIR",
+                   help="a run directory written by ptscale train (launchers/train.py)")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="RUN_DIR",
+                   help="deprecated spelling of RUN_DIR (kept working)")
     p.add_argument("--ckpt", type=Path, default=None, metavar="CKPT_DIR",
                    help="a checkpoints/ckpt-* directory of that run (default: the newest)")
     p.add_argument("--split", choices=("eval", "train"), default="eval",
@@ -164,8 +170,24 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
 
+def eval_run_dir(args: argparse.Namespace) -> Path:
+    """RUN_DIR, or the deprecated ``--checkpoint RUN_DIR``; one of them, once."""
+    from ptscale.errors import RecipeError
+
+    if args.run_dir is not None and args.checkpoint is not None:
+        raise RecipeError("give the run directory once: ptscale eval RUN_DIR (--checkpoint is its old spelling)")
+    if args.run_dir is None and args.checkpoint is None:
+        raise RecipeError("ptscale eval: name the run directory: ptscale eval RUN_DIR")
+    if args.checkpoint is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ptscale: --checkpoint RUN_DIR is deprecated; write: ptscale eval {args.checkpoint} "
+                  "(--ckpt CKPT_DIR picks a checkpoint inside the run)", file=sys.stderr)
+        return args.checkpoint
+    return args.run_dir
+
+
 def run_eval_command(args: argparse.Namespace) -> int:
-    request = EvalRequest(run_dir=args.checkpoint, checkpoint=args.ckpt, split=args.split, num_beams=args.num_beams,
+    request = EvalRequest(run_dir=eval_run_dir(args), checkpoint=args.ckpt, split=args.split, num_beams=args.num_beams,
                           max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                           batch_size=args.batch_size, spice=args.spice, out_dir=args.out, ds_config=args.ds)
     outcome = evaluate_run(request)

@@ -117,7 +117,7 @@ def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
     from ptscale.models.pretrain import pretrain_default
 
     t0 = time.time()
-    log.warning("pre-training the default %s backbone (%d steps, once; cached at %s)",
+    log.info("pre-training the default %s backbone (%d steps, once; cached at %s)",
                 cfg.preset, cfg.pretrain_steps, directory)
     model, tokenizer, image_processor = pretrain_default(cfg.preset, cfg.pretrain_steps)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
         os.replace(tmp, directory)  # atomic: readers see the old directory or the complete new one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.warning("default backbone ready in %.0f s", time.time() - t0)
+    log.info("default backbone ready in %.0f s", time.time() - t0)
 
 
 def quantization_config(quantization: str, dtype: str):

@@ -14,6 +14,7 @@ import torch
 from transformers import Blip2ForConditionalGeneration
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+from ptscale.console import progress
 from ptscale.data.collate import CaptionCollator
 from ptscale.data.synthetic import IMAGE_SIZE, make_split, vocabulary
 from ptscale.models.presets import blip2_config
@@ -50,6 +51,7 @@ def pretrain_default(preset: str, steps: int):
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(SEED)
     model.train()
+    bar = progress(total=steps, desc="pre-training backbone")
     for step in range(steps):
         idx = rng.sample(range(len(records)), BATCH)
         batch = collate.train_batch([records[i] for i in idx])
@@ -59,7 +61,11 @@ def pretrain_default(preset: str, steps: int):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            log.warning("pre-training step %d/%d loss %.4f", step + 1, steps, loss.item())
+        bar.update(1)
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if step % 500 == 0 or step == steps - 1:  # for logs without a terminal (the bar is not in them)
+            log.debug("pre-training step %d/%d loss %.4f", step + 1, steps, loss.item())
+    bar.close()
     model.eval()
     return model, tokenizer, processor

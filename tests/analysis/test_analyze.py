@@ -57,15 +57,22 @@ def test_two_runs_against_the_pretrained_backbone(analysed_runs):  # noqa: F811
         assert own["models"][1] == models[run.name]
 
 
-def test_spectrum_plots_are_pngs(analysed_runs):  # noqa: F811
-    _, out = analysed_runs
+def test_spectrum_plots_are_print_sized_pngs_with_pdfs_and_plan_labels(analysed_runs):  # noqa: F811
+    runs, out = analysed_runs
     for path in PATHS:
         png = out / f"spectrum_{path}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"  # vector copy for a paper
         with Image.open(png) as image:
-            assert image.size == (500, 400)
+            width, height = image.size
+            assert width >= 1400 and height >= 700  # 8 x 4 in at 200 dpi, plus the legend right of the axes
             # Not a blank canvas: the curves and legend put many distinct colours on it.
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 20
+    # Legends name the plan and where the trained parameters sit, not the directory
+    models = _models(json.loads((out / "analysis.json").read_text()))
+    assert models["pre-trained"]["label"] == "pre-trained backbone"
+    assert models[runs.a.name]["label"] == "prefix->lora (prefix Q-Former 8, LM 8; LoRA r16 Q-Former query/key/value)"
+    assert models[runs.b.name]["label"] == "prefix (prefix Q-Former 8, LM 8)"
 
 
 def test_reference_can_be_another_run(analysed_runs, tmp_path):  # noqa: F811

@@ -130,5 +130,7 @@ def test_plot_spectra_writes_png(tmp_path: Path) -> None:
     out = plot_spectra(curves, tmp_path / "fig" / "spectra.png", title="test")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert int.from_bytes(data[16:20], "big") == 500 and int.from_bytes(data[20:24], "big") == 400  # 5x4 in
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width >= 1400 and height >= 700  # 8 x 4 in at 200 dpi (print size), the legend outside the axes
     assert len(data) > 5000  # three curves, axes and a legend, not an empty canvas
+    assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"

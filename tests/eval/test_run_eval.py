@@ -35,7 +35,7 @@ def _written(out: Path) -> tuple[dict, list[dict]]:
 
 def test_one_process_reproduces_the_runs_final_evaluation(tiny_runs, tmp_path, capsys):  # noqa: F811
     run = tiny_runs.a
-    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path)]) == 0
+    assert main(["eval", str(run), "--out", str(tmp_path)]) == 0
     assert f"eval directory: {tmp_path}" in capsys.readouterr().out
     evaluation, run_captions = _final(run)
     results, rows = _written(tmp_path)
@@ -68,7 +68,7 @@ def test_two_zero3_ranks_give_the_captions_of_one(tiny_runs, tmp_path):  # noqa:
     run = tiny_runs.b
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [str(BIN / "deepspeed"), "--master_port", free_port(), "--num_gpus", "2", "launchers/eval.py",
-           "--checkpoint", str(run), "--out", str(tmp_path)]
+           str(run), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     evaluation, run_captions = _final(run)
@@ -112,5 +112,19 @@ def test_eval_data_is_the_runs_split():
 
 
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
-    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2  # one line, no traceback
+    assert main(["eval", str(tmp_path)]) == 2  # one line, no traceback
     assert "no recipe.yaml" in capsys.readouterr().err
+
+
+def test_the_old_checkpoint_spelling_still_names_the_run_and_says_it_is_deprecated(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2  # the same run directory check as RUN_DIR
+    err = capsys.readouterr().err
+    assert "--checkpoint RUN_DIR is deprecated" in err and f"ptscale eval {tmp_path}" in err
+    assert "no recipe.yaml" in err
+
+
+def test_the_run_directory_is_given_once(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--checkpoint", str(tmp_path)]) == 2
+    assert main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert "give the run directory once" in err and "name the run directory" in err

@@ -99,7 +99,7 @@ def test_resume_refuses_to_change_the_run_and_its_backbone(tmp_path, blip2_dir):
     new_tiny_model("tiny-blip2-opt", seed=1)[0].save_pretrained(weights)  # other weights, same place
     moved = cli(TRAIN, "--resume", str(out / "r"))
     assert_one_line(moved, 2, "backbone changed")
-    evaluated = cli("-m", "ptscale.cli", "eval", "--checkpoint", str(out / "r"))
+    evaluated = cli("-m", "ptscale.cli", "eval", str(out / "r"))
     assert_one_line(evaluated, 2, "backbone changed")
 
     newest = list_checkpoints(out / "r" / "checkpoints")[-1]
