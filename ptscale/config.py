@@ -485,7 +485,7 @@ def _drop_unused(cfg: RunConfig, explicit: set[str] | frozenset[str]) -> None:
                               f"or use a plan that trains it (e.g. {example})")
     if "prefix" not in trained and cfg.prefix.lengths:
         if any(n > 0 for n in cfg.prefix.lengths.values()):
-            log.warning("prefix.lengths ignored: %s trains no prefix, so the model gets none", what)
+            log.info("prefix.lengths ignored: %s trains no prefix, so the model gets none", what)
         cfg.prefix.lengths = {}
     if "adapter" not in trained:
         cfg.adapter = None

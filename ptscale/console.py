@@ -8,11 +8,13 @@ Light on purpose (no torch): the CLI sets it up before the recipe is read.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 from tqdm import tqdm
@@ -123,3 +125,23 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
     on_main = is_main_rank() if rank is None else rank == 0
     return tqdm(iterable, total=total, desc=desc, leave=leave, dynamic_ncols=True,
                 disable=not on_main or _verbosity == "quiet", **kwargs)
+
+
+# Lines libraries print (not log) that say nothing about the user's run: dropped from stdout unless --verbose.
+SILENCED_PRINTS = ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",)
+
+
+@contextlib.contextmanager
+def without_known_prints() -> Iterator[None]:
+    """Run a library call with its known noise lines (:data:`SILENCED_PRINTS`) taken out of its stdout."""
+    if _verbosity == "verbose":
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True)
+                if not line.strip().startswith(SILENCED_PRINTS)]
+        sys.stdout.write("".join(kept))

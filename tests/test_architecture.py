@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.data.images", 0), ("ptscale.eval.captioning", 0), ("ptscale.eval.vqa", 0),
     ("ptscale.analysis.effective_rank", 0), ("ptscale.prefix.encoder", 0), ("ptscale.prefix.plus", 0),
     ("ptscale.prefix.attention", 0), ("ptscale.training.logger", 0), ("ptscale.tuners.adapter.layer", 0),
-    ("ptscale.recipes", 0),
+    ("ptscale.recipes", 0), ("ptscale.console", 0),
     # 1: the recipe
     ("ptscale.config", 1),
     # 2: components a recipe configures: data, prefixes, tuners, generation
@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.training", 5), ("ptscale.eval", 5), ("ptscale.analysis", 5), ("ptscale.report", 5),
     ("ptscale.hub", 5), ("ptscale.tools", 5),
     # 6: entry points and the package's public API
-    ("ptscale.cli", 6), ("ptscale.export_cli", 6), ("ptscale", 6),
+    ("ptscale.cli", 6), ("ptscale.export_cli", 6), ("ptscale.listing", 6), ("ptscale.docs", 6), ("ptscale", 6),
 )
 
 
@@ -46,7 +46,7 @@ def _modules() -> dict[str, Path]:
 
 def _layer(module: str) -> int:
     for prefix, layer in LAYERS:
-        if module == prefix or module.startswith(prefix + "."):
+        if module == prefix or (prefix != "ptscale" and module.startswith(prefix + ".")):
             return layer
     raise AssertionError(f"{module} has no declared layer in tests/test_architecture.py")
 

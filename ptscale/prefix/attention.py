@@ -140,10 +140,10 @@ def _served(variant: str, path: str) -> None:
     served[(variant, path)] = served.get((variant, path), 0) + 1
 
 
-def _log_once(key: str, msg: str) -> None:
+def _log_once(key: str, msg: str, level: int = logging.WARNING) -> None:
     if key not in _backend_logged:
         _backend_logged.add(key)
-        log.warning(msg)
+        log.log(level, msg)
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,12 @@ def choose_backend(query: torch.Tensor, dropout: float, *, variant: str = "class
         raise RuntimeError(f"PTSCALE_ATTENTION=triton but {names.kernel} cannot run: {why}. "
                            "Unset it (auto) or set PTSCALE_ATTENTION=reference.")
     if not available:
-        _log_once(f"{names.log_prefix}ref:{why}", f"{names.what}: {names.fallback}; kernel unused: {why}")
+        # On a CPU there is no kernel to fall back from: the reference path is the plan, said once at INFO.
+        # On CUDA it is a fallback, said once, loudly.
+        level = logging.INFO if query.device.type == "cpu" else logging.WARNING
+        _log_once(f"{names.log_prefix}ref:{why}", f"{names.what}: {names.fallback}; kernel unused: {why}", level)
         return "reference"
-    _log_once(f"{names.log_prefix}triton", f"{names.what}: {names.fused}")
+    _log_once(f"{names.log_prefix}triton", f"{names.what}: {names.fused}", logging.INFO)
     return "triton"
 
 

@@ -26,6 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
+from ptscale.console import without_known_prints
 from ptscale.dist import DistInfo, barrier, broadcast_object, free_port, gather_objects  # noqa: F401 (re-exported)
 from ptscale.errors import RecipeError
 from ptscale.plans import StageConfig
@@ -35,7 +36,8 @@ def init_distributed() -> DistInfo:
     """Works under ``deepspeed``, ``torchrun`` (single or multi-node) and plain ``python``."""
     if "RANK" not in os.environ:  # plain python: a world of one, on a port nobody else holds
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
-    deepspeed.init_distributed(dist_backend=None)
+    with without_known_prints():  # DeepSpeed prints a line when its CPU allreduce op loads
+        deepspeed.init_distributed(dist_backend=None)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if get_accelerator().device_name() == "cpu":
         unlink_shm_segment(info.rank)

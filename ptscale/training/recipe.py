@@ -34,6 +34,7 @@ from ptscale.checkpoint import (
     write_text_atomic,
 )
 from ptscale.config import RecipeError, RunConfig, StageConfig, dump_recipe
+from ptscale.console import progress
 from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, collate_skipping
 from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
@@ -385,7 +386,7 @@ class PTPEFTRecipe:
         if p.stage_index != index:
             p = self.progress = Progress(stage_index=index, world_size=self.dist.world_size,
                                          global_step=p.global_step, results=[asdict(r) for r in self.results])
-        bar = tqdm(total=steps, initial=p.step, desc=name, disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = progress(total=steps, initial=p.step, desc=name, rank=self.dist.rank)
         self.stop.in_loop = True
         try:
             self._step_loop(engine, loader, steps, name, index, bar)

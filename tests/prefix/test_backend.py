@@ -70,7 +70,7 @@ def test_unknown_backend_is_an_error(monkeypatch):
 def test_reference_fallback_is_logged_once(monkeypatch, fresh_log, caplog):
     monkeypatch.delenv("PTSCALE_ATTENTION", raising=False)
     module, q, k, v, _, mask = _case()
-    with caplog.at_level(logging.WARNING, logger="ptscale.prefix.attention"):
+    with caplog.at_level(logging.INFO, logger="ptscale.prefix.attention"):
         for _ in range(3):
             prefix_attention_forward(module, q, k, v, mask, scaling=0.3)
     messages = [r.getMessage() for r in caplog.records if r.name == "ptscale.prefix.attention"]
@@ -78,7 +78,7 @@ def test_reference_fallback_is_logged_once(monkeypatch, fresh_log, caplog):
                         "tensors on cpu (the Triton kernel runs on CUDA)"]
     caplog.clear()
     monkeypatch.setenv("PTSCALE_ATTENTION", "reference")  # chosen explicitly: nothing to report
-    with caplog.at_level(logging.WARNING, logger="ptscale.prefix.attention"):
+    with caplog.at_level(logging.INFO, logger="ptscale.prefix.attention"):
         prefix_attention_forward(module, q, k, v, mask, scaling=0.3)
     assert not caplog.records
 
@@ -131,7 +131,7 @@ def test_kernel_receives_the_prefix_and_padding(stand_in_kernel, causal, monkeyp
 def test_cases_outside_the_kernel_use_the_reference_and_say_so(stand_in_kernel, monkeypatch, caplog, case, why):
     monkeypatch.setenv("PTSCALE_ATTENTION", "triton")
     module, q, k, v, kv, mask = _case(**case)
-    with caplog.at_level(logging.WARNING, logger="ptscale.prefix.attention"):
+    with caplog.at_level(logging.INFO, logger="ptscale.prefix.attention"):
         out, _ = prefix_attention_forward(module, q, k, v, mask, scaling=0.3)
         prefix_attention_forward(module, q, k, v, mask, scaling=0.3)
     assert not stand_in_kernel
