@@ -41,10 +41,10 @@ def test_installed_wheel_finds_recipe_and_ds_config(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, timeout=300)
-    code = ("import ptscale, ptscale.cli as c; from ptscale.config import load_recipe; "
+    code = ("import ptscale; from ptscale.config import DEFAULT_DS, load_recipe; "
             "from ptscale.training.engine import load_ds_template; "
-            "cfg = load_recipe(); t = load_ds_template(c.DEFAULT_DS); "
-            "print(ptscale.__file__, c.DEFAULT_DS, t['zero_optimization']['stage'], cfg.prefix.lengths)")
+            "cfg = load_recipe(); t = load_ds_template(DEFAULT_DS); "
+            "print(ptscale.__file__, DEFAULT_DS, t['zero_optimization']['stage'], cfg.prefix.lengths)")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}  # the installed copy, not the checkout
