@@ -41,13 +41,13 @@ import torch
 from ptscale.config import load_recipe
 from ptscale.data.collate import CaptionCollator
 from ptscale.data.sources import load_splits
+from ptscale.models.backbone import resolve_source
 from ptscale.models.build import build_model
 from ptscale.models.feature_cache import VisionFeatureCache
 from ptscale.models.groups import numel, set_trainable
-from ptscale.models.scale import cast_added_parameters
+from ptscale.models.sharded import build_backbone, cast_added_parameters
 from ptscale.prefix import attention as prefix_attention
 from ptscale.training import engine as ds
-from ptscale.training.recipe import load_run_backbone
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor specs
 
@@ -194,7 +194,10 @@ def main() -> int:
     cfg = load_recipe(None, args.overrides)
     dist = ds.init_distributed()
     template = ds.load_ds_template(args.ds)
-    backbone = load_run_backbone(cfg, template, dist)  # as the recipe: partitioned under ZeRO-3 where it applies
+    source = resolve_source(cfg.model, rank=dist.rank, barrier=ds.barrier)
+    # as the recipe builds it: partitioned under ZeRO-3 where it applies
+    backbone = build_backbone(source, cfg.model, ds.zero3_config(template, cfg.stages[0], cfg.model.dtype,
+                                                                 dist.world_size))
     model = build_model(cfg, backbone)
     cast_added_parameters(model, cfg.model.dtype)
     collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,

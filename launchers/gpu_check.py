@@ -516,12 +516,12 @@ def step_training(args) -> int:
     from ptscale.config import load_recipe
     from ptscale.data.collate import CaptionCollator
     from ptscale.data.sources import load_splits
+    from ptscale.models.backbone import resolve_source
     from ptscale.models.build import build_model
     from ptscale.models.groups import set_trainable
-    from ptscale.models.scale import cast_added_parameters
+    from ptscale.models.sharded import build_backbone, cast_added_parameters
     from ptscale.prefix import attention
     from ptscale.training import engine as ds
-    from ptscale.training.recipe import load_run_backbone
 
     report = _metadata(args.smoke) | {"step": "training", "phases": {}, "rows": [], "errors": []}
     try:
@@ -535,7 +535,9 @@ def step_training(args) -> int:
     dist = ds.init_distributed()
     template = ds.load_ds_template(args.ds)
     t = time.perf_counter()
-    backbone = load_run_backbone(cfg, template, dist)
+    source = resolve_source(cfg.model, rank=dist.rank, barrier=ds.barrier)
+    backbone = build_backbone(source, cfg.model, ds.zero3_config(template, cfg.stages[0], cfg.model.dtype,
+                                                                 dist.world_size))
     model = build_model(cfg, backbone)
     cast_added_parameters(model, cfg.model.dtype)
     report["phases"]["build_s"] = time.perf_counter() - t

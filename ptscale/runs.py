@@ -14,6 +14,7 @@ import torch
 from ptscale.checkpoint import list_checkpoints, read_checkpoint
 from ptscale.config import RunConfig
 from ptscale.data.collate import CaptionCollator, make_collator
+from ptscale.dist import gathered
 from ptscale.errors import RecipeError, RunDirError
 from ptscale.models.backbone import Backbone, backbone_digest, default_backbone_dir, is_complete, load_backbone
 from ptscale.models.build import build_model
@@ -31,6 +32,20 @@ class LoadedRun:
     model: PrefixTunedModel
     collator: CaptionCollator
     checkpoint: Path
+
+
+def load_trained_weights(model: torch.nn.Module, tuned: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy a checkpoint's trained parameters (full fp32, by name) into a model built from the same recipe; also
+    into ZeRO-3 partitions (gathered; every rank read the same file, rank 0's write is kept)."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tuned) - set(params))
+    if unknown:
+        raise RecipeError(f"{source} holds parameters this recipe's model lacks: {unknown[:5]}; load it with the "
+                          "recipe that wrote it")
+    with torch.no_grad():
+        for name, value in tuned.items():
+            with gathered([params[name]], modifier_rank=0):
+                params[name].copy_(value.to(params[name].dtype))
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_precision: bool = False) -> LoadedRun:
@@ -62,13 +77,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_
     progress, tuned, _ = read_checkpoint(found[-1])
     reached = progress.stage_index + (1 if progress.step > 0 else 0)  # stages begun when it was saved
     model.dormant = not prefixes_active(cfg.stages, reached - 1)
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tuned) - set(params))
-    if unknown:
-        raise RuntimeError(f"{found[-1]} holds parameters the recipe's model lacks: {unknown[:5]}")
-    with torch.no_grad():
-        for name, value in tuned.items():
-            params[name].copy_(value.to(params[name].dtype))
+    load_trained_weights(model, tuned, found[-1])
     model.eval()
     collator = make_collator(backbone, cfg.data)
     return LoadedRun(run_dir, cfg, backbone, model, collator, found[-1])

@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.data.images", 0), ("ptscale.eval.captioning", 0), ("ptscale.eval.vqa", 0),
     ("ptscale.analysis.effective_rank", 0), ("ptscale.prefix.encoder", 0), ("ptscale.prefix.plus", 0),
     ("ptscale.prefix.attention", 0), ("ptscale.training.logger", 0), ("ptscale.tuners.adapter.layer", 0),
-    ("ptscale.recipes", 0), ("ptscale.console", 0),
+    ("ptscale.recipes", 0), ("ptscale.console", 0), ("ptscale.models.memory", 0),
     # 1: the recipe
     ("ptscale.config", 1),
     # 2: components a recipe configures: data, prefixes, tuners, generation

@@ -9,7 +9,7 @@ import torch
 
 from ptscale.config import RecipeError, RunConfig
 from ptscale.models.backbone import Backbone, BackboneSource
-from ptscale.models.groups import is_quantized, params_in
+from ptscale.models.groups import check_trainable
 from ptscale.prefix.model import PrefixTunedModel
 from ptscale.tuners.adapter import inject_adapters
 from ptscale.tuners.lora import inject_lora
@@ -32,10 +32,7 @@ def build_model(cfg: RunConfig, backbone: Backbone, *, quiet: bool = False) -> P
             log.warning("%s adapters in %s: bottleneck %d, %s parameters", cfg.adapter.kind,
                         ", ".join(cfg.adapter.components), injected.bottleneck, f"{injected.num_params:,}")
     for i, stage in enumerate(cfg.stages):  # before any compute: config validation knows only BLIP-2's groups
-        if quantized := [n for n, p in params_in(model, stage.train) if is_quantized(p)]:
-            raise RecipeError(f"stages.{i}.train: {stage.train} includes weights stored quantized "
-                              f"(model.quantization={cfg.model.quantization}), e.g. {quantized[0]}; they cannot "
-                              "train: train prefix / lora / adapter on a quantized base")
+        check_trainable(model, stage.train, f"stages.{i}.train")
     if cfg.model.gradient_checkpointing:
         backbone.model.activation_checkpointing_enable({"use_reentrant": False})
     return model

@@ -1,7 +1,7 @@
 """Frozen-tower feature cache: the vision encoder's outputs per image, computed once, reused every epoch.
 
 Valid only in a stage where the vision encoder is frozen and carries no prefix or tuner (the prefix stage
-of the BLIP-2 recipe); the recipe decides that from the stage's groups. Entries are keyed by image id and
+of the BLIP-2 recipe); :func:`cache_for_stage` decides that from the stage's groups. Entries are keyed by image id and
 a fingerprint of the preprocessing (the image processor's settings) and of the vision weights, so a change
 of either invalidates them. Kept in host memory; ``directory`` adds an on-disk copy (safetensors, one file
 per fingerprint) that later runs reuse.
@@ -9,8 +9,10 @@ per fingerprint) that later runs reuse.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
+import json
 import logging
 from pathlib import Path
 
@@ -20,7 +22,32 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
+from ptscale.config import DataConfig, FeatureCacheConfig
+from ptscale.models.groups import group_of
+
 log = logging.getLogger(__name__)
+
+
+def cache_for_stage(model: nn.Module, stage_train: list[str], cfg: FeatureCacheConfig, prefix_lengths: dict[str, int],
+                    data: DataConfig, image_processor, digests: dict[str, str],
+                    current: VisionFeatureCache | None) -> VisionFeatureCache | None:
+    """The policy: a stage may reuse the vision encoder's outputs when the tower is frozen, prefix- and
+    tuner-free, and the Q-Former's query tokens are frozen too (they are read after the tower). The key covers
+    the image processor, the tower's weights (``digests``: sha256 per parameter name) and the data config;
+    ``current`` is kept when its key still holds."""
+    vision_params = [n for n, _ in model.named_parameters() if n.startswith("base.vision_model.")]
+    if not cfg.enabled or prefix_lengths.get("vision", 0) > 0:
+        return None
+    if any(group_of(n) in ("lora", "adapter") for n in vision_params) or {"vision", "qformer"} & set(stage_train):
+        return None
+    if not hasattr(model.base, "vision_model") or not hasattr(model.base, "query_tokens"):
+        return None
+    vision = {n: d for n, d in digests.items() if n in vision_params}
+    data_digest = hashlib.sha256(json.dumps(dataclasses.asdict(data), sort_keys=True).encode()).hexdigest()
+    key = fingerprint(image_processor, {**vision, "data": data_digest})
+    if current is not None and current.key == key:
+        return current
+    return VisionFeatureCache(key, Path(cfg.directory) if cfg.directory else None)
 
 
 def fingerprint(image_processor, vision_digests: dict[str, str]) -> str:

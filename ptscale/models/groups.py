@@ -74,15 +74,24 @@ def group_sizes(model: nn.Module) -> dict[str, int]:
     return sizes
 
 
+def check_trainable(model: nn.Module, groups: list[str], where: str) -> None:
+    """The one model-level quantisation guard: weights stored quantized (bitsandbytes) cannot train. Called when
+    the model is built (every stage, before any compute) and again when a stage sets what trains."""
+    for name, p in params_in(model, groups):
+        if is_quantized(p):
+            from ptscale.errors import RecipeError
+
+            raise RecipeError(f"{where}: {sorted(set(groups))} includes weights stored quantized (model.quantization), "
+                              f"e.g. {name}; they cannot train: train prefix / lora / adapter on a quantized base")
+
+
 def set_trainable(model: nn.Module, groups: list[str]) -> tuple[int, int]:
     """requires_grad = (group in groups); returns (trainable, total) element counts."""
+    check_trainable(model, groups, "stage")
     wanted = set(groups)
     trainable = total = 0
     for name, p in model.named_parameters():
         on = group_of(name) in wanted
-        if on and is_quantized(p):
-            raise ValueError(f"{name} is stored quantized (model.quantization) and cannot train in a stage that "
-                             f"trains {group_of(name)!r}; train prefix / lora / adapter on a quantized base")
         p.requires_grad_(on)
         total += numel(p)
         trainable += numel(p) if on else 0

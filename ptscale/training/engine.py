@@ -147,6 +147,11 @@ def resolve_ds_config(template: dict, stage: StageConfig, dtype: str, world_size
     return cfg
 
 
+def zero3_config(template: dict, stage: StageConfig, dtype: str, world_size: int) -> dict | None:
+    """The resolved config a ZeRO-3 run builds its backbone under (zero.Init), None for other stages."""
+    return resolve_ds_config(template, stage, dtype, world_size) if zero_stage(template) == 3 else None
+
+
 def zero_stage(ds_cfg: dict) -> int:
     return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
 

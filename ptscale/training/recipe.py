@@ -6,7 +6,6 @@ loss; evaluation before training and after each stage; results table and results
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -38,25 +37,18 @@ from ptscale.console import progress
 from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, collate_skipping
 from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
-from ptscale.dist import gathered
 from ptscale.errors import RunInterrupted, TrainingStopped
 from ptscale.eval.evaluate import eval_data, generate_gathered, score
-from ptscale.models.backbone import Backbone, BackboneSource, load_backbone, resolve_source
+from ptscale.models.backbone import Backbone, resolve_source
 from ptscale.models.build import build_model, check_buildable
-from ptscale.models.feature_cache import VisionFeatureCache, fingerprint
+from ptscale.models.feature_cache import VisionFeatureCache, cache_for_stage
 from ptscale.models.groups import group_of, group_sizes, set_trainable
-from ptscale.models.presets import uses_random_weights
-from ptscale.models.scale import (
-    build_random_backbone,
-    build_sharded_backbone,
-    cast_added_parameters,
-    load_sharded_backbone,
-    memory_report,
-    reset_peaks,
-)
+from ptscale.models.memory import memory_report, reset_peaks
+from ptscale.models.sharded import build_backbone, cast_added_parameters
 from ptscale.plans import prefixes_active
 from ptscale.prefix.model import prefix_parameter_report
 from ptscale.rundir import RECIPE_FILE, RUN_INFO_FILE, Resume, check_backbone, new_run_dir, run_info
+from ptscale.runs import load_trained_weights
 from ptscale.training import engine as ds
 from ptscale.training.logger import MetricLogger
 
@@ -124,42 +116,6 @@ class StopRequest:
             raise RunInterrupted(self.signum)
 
 
-def load_run_backbone(cfg: RunConfig, ds_template: dict, dist: ds.DistInfo,
-                      source: BackboneSource | None = None) -> Backbone:
-    """A checkpoint (``model.path``), the cached embedded default, or random weights (a preset without
-    an embedded pre-training, or ``pretrain_steps: 0``). Under ZeRO-3 a checkpoint or random build is
-    partitioned from the first parameter (zero.Init): no rank ever holds the whole model. The embedded
-    default is small and loads whole (ZeRO-3 partitions it at the first engine), and so does a quantised
-    base (bitsandbytes quantises while loading, which zero.Init cannot)."""
-    m = cfg.model
-    zero3 = ds.zero_stage(ds_template) == 3
-    if m.quantization == "int8" and zero3:
-        raise RecipeError("model.quantization=int8 under ZeRO-3: bitsandbytes keeps each int8 matrix whole on every "
-                          "rank beside its shard (Int8Params.CB), so ZeRO-3 would save nothing; use nf4 / fp4, or "
-                          "--ds ds_configs/zero2.json")
-    random_weights = uses_random_weights(m)
-    if random_weights:
-        if dist.is_main:
-            log.warning("model.preset=%s without model.path: RANDOM weights (geometry, memory and throughput "
-                        "checks; point model.path at a checkpoint to train for real)", m.preset)
-    partitioned = zero3 and m.quantization == "none" and (m.path is not None or random_weights)
-    if not partitioned:
-        if random_weights:
-            return build_random_backbone(m.preset, m.dtype)
-        source = source or resolve_source(m, rank=dist.rank, barrier=ds.barrier)
-        return load_backbone(source.path, m.dtype, m.quantization)
-    ds_cfg = ds.resolve_ds_config(ds_template, cfg.stages[0], m.dtype, dist.world_size)
-    reset_peaks()
-    if random_weights:
-        backbone = build_sharded_backbone(m.preset, ds_cfg, m.dtype)
-    else:
-        backbone = load_sharded_backbone(m.path, ds_cfg, m.dtype)
-    for report in ds.gather_objects(memory_report(dist.rank)):
-        if dist.is_main:
-            tqdm.write(report.line(f"built {m.path or m.preset} under zero.Init"))
-    return backbone
-
-
 class PTPEFTRecipe:
     """``prepare()`` checks everything that can fail on the user's input (backbone, data, the model on the
     meta device, the checkpoint to resume) before a run directory exists; ``setup()`` then creates it and
@@ -183,6 +139,10 @@ class PTPEFTRecipe:
         self.stop.install()
         seed_everything(cfg.seed)
         self.zero3 = ds.zero_stage(self.ds_template) == 3
+        if cfg.model.quantization == "int8" and self.zero3:
+            raise RecipeError("model.quantization=int8 under ZeRO-3: bitsandbytes keeps each int8 matrix whole on "
+                              "every rank beside its shard (Int8Params.CB), so ZeRO-3 would save nothing; use nf4 / "
+                              "fp4, or --ds ds_configs/zero2.json")
         self.source = resolve_source(cfg.model, rank=self.dist.rank, barrier=ds.barrier, build=build_backbone)
         if self.resume is not None:
             check_backbone(self.resume.run_dir, self.source.identity, "--resume")
@@ -215,7 +175,7 @@ class PTPEFTRecipe:
         if self.dist.is_main:
             tqdm.write(f"{self.summary()}; run directory {self.run_dir}")
         self.logger = MetricLogger(self.run_dir, self.dist.is_main)
-        self.backbone = load_run_backbone(cfg, self.ds_template, self.dist, self.source)
+        self.backbone = self._build_backbone()
         self.model = build_model(cfg, self.backbone)
         cast_added_parameters(self.model, cfg.model.dtype)  # prefixes/tuners beside a zero.Init-built backbone
         self.bad_data = BadDataReport()
@@ -225,6 +185,18 @@ class PTPEFTRecipe:
             self._load_checkpoint(self.resume.checkpoint, *self._checkpoint_read)
             self._checkpoint_read = None
         self.results = [EvalPoint(**r) for r in self.progress.results]
+
+    def _build_backbone(self) -> Backbone:
+        """Whole, or sharded from the first parameter under ZeRO-3 (each rank's peak memory printed then)."""
+        m = self.cfg.model
+        reset_peaks()
+        backbone = build_backbone(self.source, m, ds.zero3_config(self.ds_template, self.cfg.stages[0], m.dtype,
+                                                                  self.dist.world_size))
+        if any(hasattr(p, "ds_id") for p in backbone.model.parameters()):
+            for report in ds.gather_objects(memory_report(self.dist.rank)):
+                if self.dist.is_main:
+                    tqdm.write(report.line(f"built {m.path or m.preset} under zero.Init"))
+        return backbone
 
     def _open_run_dir(self) -> Path:
         """Rank 0 creates (or, resuming, reopens) the run directory and writes the resolved recipe and run.json."""
@@ -242,15 +214,7 @@ class PTPEFTRecipe:
         return Path(ds.broadcast_object(str(run_dir)))
 
     def _load_checkpoint(self, path: Path, progress: Progress, tuned: dict, optimizer: dict | None) -> None:
-        params = dict(self.model.named_parameters())
-        missing = sorted(set(tuned) - set(params))
-        if missing:
-            raise RecipeError(f"checkpoint {path} holds parameters this recipe's model lacks: {missing[:5]}; "
-                              "resume with the recipe that wrote it")
-        with torch.no_grad():  # before any engine exists; a zero.Init-built backbone is already partitioned
-            for name, value in tuned.items():
-                with gathered([params[name]], modifier_rank=0):  # every rank read the same file
-                    params[name].copy_(value.to(params[name].dtype))
+        load_trained_weights(self.model, tuned, path)  # before any engine exists
         self.progress, self._optimizer_state, self._tuned = progress, optimizer, tuned
         if self.dist.is_main:
             tqdm.write(f"resuming from {path}: stage {progress.stage_index + 1}, step {progress.step}"
@@ -289,7 +253,9 @@ class PTPEFTRecipe:
                 tqdm.write(f"[{name}] prefix parameters: " + ", ".join(
                     f"{t} {r['params']:,} ({100 * r['share']:.3f}%)" for t, r in per_target.items()))
         before = ds.param_digests(self.model) if self.cfg.check_frozen else {}
-        self.cache = self._feature_cache(stage, before)
+        self.cache = cache_for_stage(self.model, stage.train, self.cfg.feature_cache, self.cfg.prefix.lengths,
+                                     self.cfg.data, self.backbone.image_processor,
+                                     before or ds.param_digests(self.model), self.cache)
         self.logger.log(self.progress.global_step, {"kind": "stage_start", "stage": name, "stage_index": index,
                                                     "steps": steps, "trainable": trainable})
         self._train_steps(engine, loader, steps, name, index)
@@ -311,24 +277,6 @@ class PTPEFTRecipe:
         where = f"newest checkpoint: {newest[-1]}" if newest else "no checkpoint was written yet"
         how = f"resume with: {self.command} --resume {self.run_dir}" if newest else "start it again"
         return f"stopped by {signal.Signals(signum).name} at a step boundary; {where}; {how}"
-
-    def _feature_cache(self, stage: StageConfig, digests: dict[str, str]) -> VisionFeatureCache | None:
-        """A cache when the vision tower is frozen, prefix- and tuner-free, and the query tokens frozen."""
-        fc = self.cfg.feature_cache
-        vision_params = [n for n, _ in self.model.named_parameters() if n.startswith("base.vision_model.")]
-        tuned_inside = any(group_of(n) in ("lora", "adapter") for n in vision_params)
-        if not fc.enabled or "vision" in self.cfg.prefix.lengths and self.cfg.prefix.lengths["vision"] > 0:
-            return None
-        if tuned_inside or {"vision", "qformer"} & set(stage.train):
-            return None
-        if not hasattr(self.model.base, "vision_model") or not hasattr(self.model.base, "query_tokens"):
-            return None
-        vision = {n: d for n, d in (digests or ds.param_digests(self.model)).items() if n in vision_params}
-        data_id = json.dumps(asdict(self.cfg.data), sort_keys=True)
-        data_digest = hashlib.sha256(data_id.encode()).hexdigest()
-        key = fingerprint(self.backbone.image_processor, {**vision, "data": data_digest})
-        directory = Path(fc.directory) if fc.directory else None
-        return self.cache if self.cache is not None and self.cache.key == key else VisionFeatureCache(key, directory)
 
     def _report_cache(self, name: str) -> None:
         c = self.cache
