@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ptscale.config import load_recipe
-from ptscale.data.collate import CaptionCollator
+from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
 from ptscale.models.backbone import resolve_source
 from ptscale.models.build import build_model
@@ -200,8 +200,7 @@ def main() -> int:
                                                                  dist.world_size))
     model = build_model(cfg, backbone)
     cast_added_parameters(model, cfg.model.dtype)
-    collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
-                               backbone.image_token_id, prompt=cfg.data.prompt)
+    collator = make_collator(backbone, cfg.data)
     records = list(load_splits(cfg.data, collator).train)
     modes = args.modes.split(",")
     rows = []

@@ -514,7 +514,7 @@ def step_training(args) -> int:
     import torch
 
     from ptscale.config import load_recipe
-    from ptscale.data.collate import CaptionCollator
+    from ptscale.data.collate import make_collator
     from ptscale.data.sources import load_splits
     from ptscale.models.backbone import resolve_source
     from ptscale.models.build import build_model
@@ -544,8 +544,7 @@ def step_training(args) -> int:
     if torch.cuda.is_available():
         report["phases"]["build_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     stamp(f"model built ({report['phases']['build_s']:.1f}s)")
-    collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
-                               backbone.image_token_id, prompt=cfg.data.prompt)
+    collator = make_collator(backbone, cfg.data)
     records = list(load_splits(cfg.data, collator).train)
     _save(args.out, report)
 

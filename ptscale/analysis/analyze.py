@@ -226,13 +226,12 @@ def run_subject(run_dir: Path, name: str, role: str = "run") -> Subject:
 
 def pretrained_subject(cfg: RunConfig) -> Subject:
     """The backbone a run started from, loaded fresh: no prefix modules, no tuners."""
-    from ptscale.data.collate import CaptionCollator
+    from ptscale.data.collate import make_collator
     from ptscale.models.backbone import load_backbone
 
     path = _backbone_dir(cfg)
     backbone = load_backbone(path, cfg.model.dtype, cfg.model.quantization)
-    collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
-                               backbone.image_token_id, prompt=cfg.data.prompt, max_text_len=cfg.data.max_text_len)
+    collator = make_collator(backbone, cfg.data)
     return Subject("pre-trained", "reference", backbone.model.eval(), collator,
                    {"label": "pre-trained backbone", "run_dir": None, "checkpoint": None, "backbone": str(path)})
 
