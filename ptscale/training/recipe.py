@@ -344,8 +344,7 @@ class PTPEFTRecipe:
 
     def _step_loop(self, engine, loader: DataLoader, steps: int, name: str, index: int, bar: tqdm) -> None:
         p = self.progress
-        t0, samples0, in_row = time.time(), p.samples, 0
-        every = self.cfg.checkpoint.every_steps
+        self._t0, self._samples0, self._in_row = time.time(), p.samples, 0
         while p.step < steps:
             loader.sampler.set_epoch(p.epoch)
             loader.sampler.skip = p.batch_in_epoch * loader.batch_size
@@ -355,50 +354,65 @@ class PTPEFTRecipe:
                     batch, report = batch
                     epoch_report.merge(report)
                 p.batch_in_epoch += 1
-                # Collectives follow: every rank skips a batch that is empty on any rank (all items bad).
-                if not self._all_ranks(batch is not None):
-                    continue
-                keys = batch.pop("image_keys", None)
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                if self.cache is not None:
-                    pixels = batch.pop("pixel_values")
-                    batch["image_embeds"] = self.cache.image_embeds(self.model.base.vision_model, keys, pixels)
-                loss = engine(**batch).loss
-                if not self._all_finite(loss):
-                    p.nonfinite_skipped += 1
-                    in_row += 1
-                    self.logger.log(p.global_step, {"kind": "nonfinite", "stage": name,
-                                                    "skipped": p.nonfinite_skipped})
-                    if in_row >= self.cfg.max_nonfinite_in_row:
-                        raise NonFiniteLossError(f"[{name}] {in_row} non-finite losses in a row (step {p.step}); "
-                                                 f"stopping. {self._sound_checkpoint_advice()}")
-                    continue
-                in_row = 0
-                engine.backward(loss)
-                engine.step()
-                p.samples += batch["input_ids"].shape[0] * self.dist.world_size
-                if not engine.is_gradient_accumulation_boundary():
+                loss = self._step(engine, batch, name)
+                if loss is None:
                     continue
                 p.step += 1
                 p.global_step += 1
-                rate = (p.samples - samples0) / (time.time() - t0)
-                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}")
-                bar.update(1)
-                if p.step % self.cfg.log_every == 0 or p.step == steps:
-                    self.logger.log(p.global_step, {
-                        "kind": "train", "stage": name, "stage_index": index, "step": p.step, "loss": loss.item(),
-                        "lr": engine.get_lr()[0], "samples_per_s": rate, "epoch": p.epoch,
-                        "nonfinite_skipped": p.nonfinite_skipped})
-                if not self._all_ranks(self.stop.signum is None):  # a signal reached some rank
-                    self._checkpoint(engine, index, with_optimizer=True)
-                    raise RunInterrupted(self.stop.signum or signal.SIGTERM)
-                if every and p.step % every == 0 and p.step < steps:
-                    self._checkpoint(engine, index, with_optimizer=True)
+                self._after_step(engine, loss, steps, name, index, bar)
                 if p.step >= steps:
                     break
             else:
                 p.epoch, p.batch_in_epoch = p.epoch + 1, 0
             self._report_bad_data(epoch_report, name)
+
+    def _step(self, engine, batch: dict | None, name: str) -> torch.Tensor | None:
+        """Forward, backward and step on one micro-batch; its loss when an optimizer step completed. None: a batch
+        empty on some rank (all items bad), a non-finite loss (skipped and counted), or inside accumulation."""
+        # Collectives follow: every rank skips a batch that is empty on any rank.
+        if not self._all_ranks(batch is not None):
+            return None
+        keys = batch.pop("image_keys", None)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        if self.cache is not None:
+            pixels = batch.pop("pixel_values")
+            batch["image_embeds"] = self.cache.image_embeds(self.model.base.vision_model, keys, pixels)
+        loss = engine(**batch).loss
+        if not self._all_finite(loss):
+            self._skip_nonfinite(name)
+            return None
+        self._in_row = 0
+        engine.backward(loss)
+        engine.step()
+        self.progress.samples += batch["input_ids"].shape[0] * self.dist.world_size
+        return loss if engine.is_gradient_accumulation_boundary() else None
+
+    def _skip_nonfinite(self, name: str) -> None:
+        p = self.progress
+        p.nonfinite_skipped += 1
+        self._in_row += 1
+        self.logger.log(p.global_step, {"kind": "nonfinite", "stage": name, "skipped": p.nonfinite_skipped})
+        if self._in_row >= self.cfg.max_nonfinite_in_row:
+            raise NonFiniteLossError(f"[{name}] {self._in_row} non-finite losses in a row (step {p.step}); "
+                                     f"stopping. {self._sound_checkpoint_advice()}")
+
+    def _after_step(self, engine, loss: torch.Tensor, steps: int, name: str, index: int, bar: tqdm) -> None:
+        """Progress, logging, a requested stop (every rank agrees at this boundary), periodic checkpoints."""
+        p = self.progress
+        rate = (p.samples - self._samples0) / (time.time() - self._t0)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}")
+        bar.update(1)
+        if p.step % self.cfg.log_every == 0 or p.step == steps:
+            self.logger.log(p.global_step, {
+                "kind": "train", "stage": name, "stage_index": index, "step": p.step, "loss": loss.item(),
+                "lr": engine.get_lr()[0], "samples_per_s": rate, "epoch": p.epoch,
+                "nonfinite_skipped": p.nonfinite_skipped})
+        if not self._all_ranks(self.stop.signum is None):  # a signal reached some rank
+            self._checkpoint(engine, index, with_optimizer=True)
+            raise RunInterrupted(self.stop.signum or signal.SIGTERM)
+        every = self.cfg.checkpoint.every_steps
+        if every and p.step % every == 0 and p.step < steps:
+            self._checkpoint(engine, index, with_optimizer=True)
 
     def _report_bad_data(self, epoch_report: BadDataReport, name: str) -> None:
         """Counted at each epoch end (all ranks summed); never a silent zero-length epoch."""
