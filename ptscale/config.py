@@ -21,16 +21,16 @@ import yaml
 
 from ptscale.errors import RecipeError
 from ptscale.plans import METHODS, MethodConfig, StageConfig, expand_plan, plan_methods
+from ptscale.plans import documented as _doc
+from ptscale.prefix.config import PREFIX_TARGETS, PrefixConfig, check_prefix
+from ptscale.tuners.adapter.config import AdapterConfig
+from ptscale.tuners.lora.config import LoraConfig, check_lora
 
-__all__ = ["RecipeError", "RunConfig", "StageConfig", "MethodConfig", "load_recipe", "to_dict", "validate"]
+# the per-component sections are defined beside their components and composed here
+__all__ = ["PREFIX_TARGETS", "AdapterConfig", "LoraConfig", "MethodConfig", "PrefixConfig", "RecipeError",
+           "RunConfig", "StageConfig", "dump_recipe", "load_recipe", "to_dict", "validate"]
 
 log = logging.getLogger("ptscale")
-
-
-def _doc(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A field with its meaning (``help``) beside its default: docs/recipe.md and ``ptscale ls keys`` are generated
-    from these (ptscale.docs)."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 @dataclass
@@ -47,90 +47,6 @@ class ModelConfig:
         "frozen base weights stored in 4 bits (nf4 / fp4, QLoRA-style: double quantisation, packed in the model "
         "dtype so ZeRO-3 can shard them) or 8 bits (int8) through bitsandbytes; for prefix / LoRA / adapter stages. "
         "Needs a checkpoint (model.path or the embedded default); int8 is not sharded by ZeRO-3 (zero2 only)"))
-
-
-@dataclass
-class PrefixConfig:
-    lengths: dict[str, int] = _doc(help=(
-        "prefix length per target module; 0 or absent = no prefix there (BLIP-2 captioning: 8 / 8, paper table "
-        "8). Targets: qformer, vision, language_model (every LM self-attention), and for encoder-decoder LMs (T5) "
-        "encoder / decoder separately"), factory=lambda: {"qformer": 8, "language_model": 8})
-    kind: Literal["classic", "plus"] = _doc("classic", (
-        "classic: prefix keys/values inside the softmax (Li & Liang); plus: Prefix-Tuning+ (a gated "
-        "linear-attention memory outside the softmax, ptscale.prefix.plus)"))
-    encoder: Literal["mlp", "linear", "none"] = _doc("mlp", (
-        "mlp: Linear-Tanh-Linear re-parameterisation (paper fig. 6); linear: one linear projection (table 10 "
-        "'w/o MLP'); none: raw per-layer key/value parameters (table 10 'w/o encoder')"))
-    encoder_hidden: int = _doc(64, "width of the MLP re-parameterisation; 64 suits the tiny default model (Li & "
-                               "Liang used 512 for GPT-2 medium: set it for a real model)")
-    type_embedding: bool = _doc(True, "the paper's prefix type embedding (appendix B.1, fig. 6; table 10 ablation)")
-    init_std: float = _doc(0.02, "standard deviation of the prefix parameters' initialisation")
-    feature_map: Literal["elu1", "relu", "identity"] = _doc("elu1", "kind=plus only: phi of the memory term")
-    positions: Literal["shift", "keep"] = _doc("shift", (
-        "position ids of the real tokens of a decoder-only LM with a language_model prefix of length P: shift = "
-        "P..P+L-1 (Li & Liang 2021, HF PEFT: the prefix occupies the first positions); keep = 0..L-1 "
-        "(README 'Prefixes')"))
-
-
-@dataclass
-class LoraConfig:
-    targets: dict[str, list[str]] = _doc(help=(
-        "modules per component (vision, qformer, language_model) that get LoRA; names match module-path suffixes "
-        "on a dot boundary, so 'query' alone would also take the cross-attention (`ptscale ls targets` lists "
-        "them). Paper: q, k, v of the Q-Former self-attention (table 8)"), factory=lambda: {
-        "qformer": ["attention.attention.query", "attention.attention.key", "attention.attention.value"]})
-    r: int = _doc(16, "rank of the LoRA update")
-    alpha: int = _doc(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
-    dropout: float = _doc(0.05, "dropout on the LoRA input, training only")
-
-
-Component = Literal["vision", "qformer", "language_model"]
-COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model")
-KINDS: tuple[str, ...] = ("sequential", "parallel")
-NONLINEARITIES: tuple[str, ...] = ("relu", "gelu")
-
-
-@dataclass
-class AdapterConfig:
-    kind: Literal["sequential", "parallel"] = field(default="sequential", metadata={"help": (
-        "sequential: Houlsby et al. 2019, x -> x + s*A(x) after each attention output projection and each FFN "
-        "output; parallel: He et al. 2022, FFN(x) + s*A(x) beside each FFN")})
-    components: list[Component] = field(default_factory=lambda: ["qformer"], metadata={
-        "help": "BLIP-2 components whose layers get adapters"})
-    bottleneck: int | None = field(default=None, metadata={
-        "help": "bottleneck width; give this or budget, not both"})
-    budget: int | None = field(default=None, metadata={
-        "help": "target adapter parameter count; the bottleneck whose count is closest is used (paper table 2 "
-                "compares methods at matched trainable-parameter budgets)"})
-    scale: float = field(default=1.0, metadata={
-        "help": "multiplies the adapter output (He et al. use 4 for the parallel adapter; 1 is Houlsby's form)"})
-    nonlinearity: Literal["relu", "gelu"] = field(default="relu", metadata={"help": "between down and up projection"})
-    dropout: float = field(default=0.0, metadata={"help": "on the bottleneck activations, training only"})
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise RecipeError(f"adapter.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
-        if not self.components:
-            raise RecipeError(f"adapter.components: empty; name at least one of {', '.join(COMPONENTS)}")
-        for comp in self.components:
-            if comp not in COMPONENTS:
-                raise RecipeError(f"adapter.components: unknown component {comp!r}; known: {', '.join(COMPONENTS)}")
-        if len(set(self.components)) != len(self.components):
-            raise RecipeError(f"adapter.components: listed twice in {self.components}")
-        if (self.bottleneck is None) == (self.budget is None):
-            given = "both" if self.bottleneck is not None else "neither"
-            raise RecipeError(f"adapter.bottleneck / adapter.budget: give exactly one (got {given}); budget picks "
-                              "the bottleneck whose adapter parameter count is closest to it")
-        for key in ("bottleneck", "budget"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise RecipeError(f"adapter.{key}: must be > 0, got {value}")
-        if self.scale <= 0:
-            raise RecipeError(f"adapter.scale: must be > 0, got {self.scale}")
-        if self.nonlinearity not in NONLINEARITIES:
-            raise RecipeError(f"adapter.nonlinearity: {self.nonlinearity!r} is not one of {', '.join(NONLINEARITIES)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise RecipeError(f"adapter.dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -396,7 +312,6 @@ def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     return value
 
 
-PREFIX_TARGETS = ("qformer", "vision", "language_model", "encoder", "decoder")
 
 
 # bitsandbytes replaces the Linear layers of the vision tower, the language projection and the language model;
@@ -410,22 +325,8 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
     # the group names are owned by the model side
     from ptscale.models.groups import GROUP_ALIASES, GROUPS, expand_groups
 
-    for target, length in cfg.prefix.lengths.items():
-        if target not in PREFIX_TARGETS:
-            raise RecipeError(f"prefix.lengths.{target}: unknown target; known: {', '.join(PREFIX_TARGETS)}")
-        if length < 0:
-            raise RecipeError(f"prefix.lengths.{target}: must be >= 0, got {length}")
-    if cfg.prefix.encoder == "mlp" and cfg.prefix.encoder_hidden <= 0:
-        raise RecipeError(f"prefix.encoder_hidden: must be > 0 for the mlp encoder, got {cfg.prefix.encoder_hidden}")
-    if cfg.prefix.init_std < 0:
-        raise RecipeError(f"prefix.init_std: must be >= 0, got {cfg.prefix.init_std}")
-    if cfg.prefix.kind == "classic" and cfg.prefix.feature_map != "elu1":
-        raise RecipeError("prefix.feature_map: only used by prefix.kind=plus; remove it or set kind: plus")
-    for comp in cfg.lora.targets:
-        if comp not in COMPONENTS:
-            raise RecipeError(f"lora.targets.{comp}: unknown component; known: {', '.join(COMPONENTS)}")
-    if cfg.lora.r <= 0:
-        raise RecipeError(f"lora.r: must be > 0, got {cfg.lora.r}")
+    check_prefix(cfg.prefix)
+    check_lora(cfg.lora)
     if not cfg.stages:
         raise RecipeError("stages: the recipe has no stages; add at least one (e.g. train: [prefix])")
     has_prefix = any(v > 0 for v in cfg.prefix.lengths.values())

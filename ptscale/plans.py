@@ -18,8 +18,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ptscale.errors import RecipeError
+
+
+def documented(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A recipe field with its meaning (``help``) beside its default: docs/recipe.md and ``ptscale ls keys`` are
+    generated from these (ptscale.docs)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
 
 METHODS = ("prefix", "lora", "adapter", "full")
 _ALTERNATE = re.compile(r"^alternate\((\w+),(\w+),(\d+)\)$")

@@ -19,8 +19,9 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.analysis.effective_rank", 0), ("ptscale.prefix.encoder", 0), ("ptscale.prefix.plus", 0),
     ("ptscale.prefix.attention", 0), ("ptscale.training.logger", 0), ("ptscale.tuners.adapter.layer", 0),
     ("ptscale.recipes", 0), ("ptscale.console", 0), ("ptscale.models.memory", 0),
-    # 1: the recipe
-    ("ptscale.config", 1),
+    # 1: the recipe and its per-component sections (torch-free)
+    ("ptscale.config", 1), ("ptscale.prefix.config", 1), ("ptscale.tuners.lora.config", 1),
+    ("ptscale.tuners.adapter.config", 1),
     # 2: components a recipe configures: data, prefixes, tuners, generation
     ("ptscale.data", 2), ("ptscale.prefix", 2), ("ptscale.tuners.lora", 2), ("ptscale.tuners.adapter", 2),
     ("ptscale.models.feature_cache", 2), ("ptscale.models.pretrain", 2), ("ptscale.eval.generate", 2),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # the group names are read by recipe validation, before torch is imported
     from torch import nn
@@ -26,6 +26,9 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("language_model", r"^base\.language_model\."),
 )
 GROUPS: tuple[str, ...] = tuple(g for g, _ in _RULES)
+# The model's towers that take tuners (LoRA targets, adapter components): themselves parameter groups.
+Component = Literal["vision", "qformer", "language_model"]
+COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model")
 # "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5).
 GROUP_ALIASES: dict[str, tuple[str, ...]] = {"full": ("vision", "qformer", "projection", "language_model")}
 

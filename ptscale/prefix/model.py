@@ -27,10 +27,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ptscale.config import PrefixConfig
 from ptscale.dist import gathered
 from ptscale.models.groups import numel
 from ptscale.prefix.attention import ATTN_IMPLEMENTATION, PrefixSlot, PrefixStore, attach
+from ptscale.prefix.config import PrefixConfig
 from ptscale.prefix.encoder import FoldedPrefix, PrefixEncoder, PrefixShape
 from ptscale.prefix.plus import PlusPrefix, PlusState
 from ptscale.prefix.targets import PrefixHookError, check_reached, resolve

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ptscale.config import PREFIX_TARGETS
+from ptscale.prefix.config import PREFIX_TARGETS
 
 
 class PrefixHookError(RuntimeError):

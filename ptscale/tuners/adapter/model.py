@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ptscale.models.groups import COMPONENTS
 from ptscale.prefix.model import PrefixTunedModel
-from ptscale.tuners.adapter.config import COMPONENTS, KINDS, AdapterConfig
+from ptscale.tuners.adapter.config import KINDS, AdapterConfig
 from ptscale.tuners.adapter.layer import (
     ADAPTER_LAYERS,
     Bottleneck,

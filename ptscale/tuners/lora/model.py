@@ -13,7 +13,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from torch import nn
 
-from ptscale.config import LoraConfig
+from ptscale.tuners.lora.config import LoraConfig
 
 # Where each component lives inside PrefixTunedModel.
 COMPONENT_ROOTS = {"vision": "base.vision_model.", "qformer": "base.qformer.", "language_model": "base.language_model."}
