@@ -359,6 +359,11 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         if not 0.0 <= stage.warmup_ratio < 1.0:
             raise RecipeError(f"{key}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
     _drop_unused(cfg, explicit)
+    from ptscale.models.presets import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        raise RecipeError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)} "
+                          "(`ptscale ls presets`)")
     _validate_quantization(cfg)
     _validate_data(cfg.data)
     if cfg.eval.num_beams < 1:
@@ -428,6 +433,10 @@ _DATA_FILES = {
 
 def _validate_data(d: DataConfig) -> None:
     if d.name == "synthetic":
+        from ptscale.data.synthetic import TASKS
+
+        if d.task not in TASKS:
+            raise RecipeError(f"data.task: unknown synthetic task {d.task!r}; known: {', '.join(TASKS)}")
         if d.train_size <= 0 or d.eval_size <= 0:
             raise RecipeError("data.train_size / data.eval_size: must be > 0 (an empty split cannot train or "
                               "evaluate)")

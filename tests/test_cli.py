@@ -45,6 +45,8 @@ def blip2_dir(tmp_path_factory) -> Path:
     (lambda d: ["plan=lora", "adapter={kind: sequential, components: [qformer], bottleneck: 4}"], 2,
      ["adapter", "plan lora"]),
     (lambda d: ["plan=prefix->lora->full"], 2, ["plan", "more than two"]),
+    (lambda d: ["model.preset=nope"], 2, ["model.preset", "nope", "tiny-blip2-opt"]),
+    (lambda d: ["data.task=nope"], 2, ["data.task", "nope", "downstream"]),
 ])
 def test_recipe_mistakes_are_one_line_before_anything_runs(tmp_path, make, code, needles):
     out = tmp_path / "out"
@@ -87,6 +89,8 @@ def _opt_dir(d: Path) -> str:
     (lambda d, b: [_truncated(d, b)], 3, ["model.safetensors", "truncated"]),
     (lambda d, b: [f"model.path={b}", "prefix.lengths.encoder=4"], 2, ["prefix.lengths"]),
     (lambda d, b: [f"model.path={b}", "lora.targets={qformer: [nope]}"], 2, ["lora.targets.qformer", "nope"]),
+    (lambda d, b: [f"model.path={b}", "data.train_size=16", "methods.prefix.batch_size=32"], 2,
+     ["stages.0.batch_size", "32", "data.train_size"]),
     (lambda d, b: [f"model.path={b}", "data.name=coco", f"data.image_root={d}",
                    "data.karpathy_json=" + str(_write(d / "karpathy.json", TORN_JSON))], 3,
      ["karpathy.json", "not valid JSON"]),

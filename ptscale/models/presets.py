@@ -4,7 +4,10 @@ checkpoint); ``blip2-opt-6.7b`` that of Salesforce/blip2-opt-6.7b (memory planni
 
 from __future__ import annotations
 
-from transformers import Blip2Config
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # preset names are checked with the recipe, before transformers is imported
+    from transformers import Blip2Config
 
 PRESETS: dict[str, dict] = {
     "tiny-blip2-opt": {
@@ -54,6 +57,8 @@ def uses_random_weights(model_cfg) -> bool:
 
 def blip2_config(preset: str, *, vocab_size: int | None = None, pad: int = 1, bos: int = 2, eos: int = 2,
                  image_token: int | None = None) -> Blip2Config:
+    from transformers import Blip2Config
+
     if preset not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     spec = {k: dict(v) if isinstance(v, dict) else v for k, v in PRESETS[preset].items()}

@@ -150,11 +150,21 @@ class PTPEFTRecipe:
         self.splits = load_splits(cfg.data, self.collator)  # data errors before the model is built
         self.train_records, self.eval_records = self.splits.train, self.splits.eval
         self.eval_data = eval_data(cfg.data, self.splits)
+        self._check_batches()
         check_buildable(cfg, self.source)
         self._checkpoint_read = None
         if self.resume is not None and self.resume.checkpoint is not None:
             self._checkpoint_read = read_checkpoint(self.resume.checkpoint)  # a torn checkpoint fails here
         self._prepared = True
+
+    def _check_batches(self) -> None:
+        """Every stage gets at least one full batch per rank (the loader drops the last partial one)."""
+        per_rank = len(self.train_records) // self.dist.world_size
+        for i, stage in enumerate(self.cfg.stages):
+            if stage.batch_size > per_rank:
+                raise RecipeError(f"stages.{i}.batch_size: {stage.batch_size} per rank, but {len(self.train_records)} "
+                                  f"training records on {self.dist.world_size} rank(s) give {per_rank} per rank; "
+                                  "lower the batch size (methods.<method>.batch_size) or raise data.train_size")
 
     def summary(self, dry_run: bool = False) -> str:
         """What will run, in one line: model, plan, stages, data, world."""
@@ -323,9 +333,6 @@ class PTPEFTRecipe:
         loader = DataLoader(self.train_records, batch_size=stage.batch_size, sampler=sampler,
                             collate_fn=collate, drop_last=True,
                             generator=torch.Generator().manual_seed(self.cfg.seed))
-        if len(loader) == 0:
-            raise ValueError(f"stage {index}: {len(self.train_records)} training records give no batch of "
-                             f"{stage.batch_size} per rank on {self.dist.world_size} ranks; lower batch_size")
         return loader
 
     def _train_steps(self, engine, loader: DataLoader, steps: int, name: str, index: int) -> None:
