@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
@@ -59,10 +60,11 @@ def _peek(recipe: str | None, overrides: list[str], key: str, default: str | Non
 def resolve_train_config(args: argparse.Namespace):
     """(recipe, resume): the command's recipe, or on --resume the run's saved one with allowed overrides."""
     from ptscale.config import load_recipe
-    from ptscale.rundir import check_run_name_free, find_resume, resumed_recipe
+    from ptscale.rundir import check_output_dir, check_run_name_free, find_resume, resumed_recipe
 
     if not args.resume:
         cfg = load_recipe(args.recipe, args.overrides)
+        check_output_dir(cfg)
         check_run_name_free(cfg)
         return cfg, None
     output_dir = _peek(args.recipe, args.overrides, "output_dir", "runs")
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 _ERRORS = (
     ("ptscale.errors", "RecipeError", 2, "error", False),
     ("ptscale.errors", "DataError", 3, "data error", True),  # with the data loaders' BadDataError, EmptySplitError
-    ("ptscale.checkpoint", "CheckpointError", 3, "checkpoint error", True),
+    ("ptscale.checkpoint", "CheckpointError", 3, "file error", True),  # a checkpoint or an output file
     ("ptscale.errors", "TrainingStopped", 1, "training stopped", False),
 )
 
@@ -284,18 +286,22 @@ def _classify(error: BaseException) -> tuple[int, str, bool] | None:
 
 
 def run_guarded(fn, debug: bool = False) -> int:
-    """Run a command, turning the errors a user can cause into one line and an exit code."""
+    """Run a command, turning the errors a user can cause into one line and an exit code (``--debug`` prints the
+    traceback first; the exit code stays the same)."""
     try:
         return fn()
     except KeyboardInterrupt:
         if debug:
-            raise
-        _one_line("interrupted", RuntimeError("stopped by SIGINT before training started"), everywhere=False)
+            traceback.print_exc()
+        _one_line("interrupted", RuntimeError("stopped by SIGINT before training started; start it again"),
+                  everywhere=False)
         return 130
     except Exception as e:
         known = _classify(e)
-        if known is None or debug:
+        if known is None:
             raise
+        if debug:
+            traceback.print_exc()
         code, kind, everywhere = known
         _one_line(kind, e, everywhere)
         return code

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,9 +157,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         source, explicit_file = f"<embedded {DEFAULT_RECIPE}>", False
     else:
         path = Path(path)
+        if path.is_dir():
+            raise RecipeError(f"recipe file {path} is a directory; give a YAML file (e.g. ptscale cp default my.yaml)")
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
-        text, source = path.read_text(), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe file {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML "
+                              "file") from None
         # a fully resolved recipe (a run's recipe.yaml, `ptscale config` output) sets every key: none of them
         # was chosen for this plan in particular, so unused ones are dropped, not refused
         explicit_file = user_file and not text.startswith(RESOLVED_HEADER)
@@ -351,14 +358,9 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         if "adapter" in stage.train and cfg.adapter is None:
             raise RecipeError(f"{key}.train: trains 'adapter' but the recipe has no adapter section "
                               "(e.g. adapter: {kind: sequential, components: [qformer], budget: 12288})")
-        for name in ("lr", "batch_size", "grad_accum"):
-            if getattr(stage, name) <= 0:
-                raise RecipeError(f"{key}.{name}: must be > 0, got {getattr(stage, name)}")
-        if stage.steps is None and stage.epochs <= 0:
-            raise RecipeError(f"{key}.epochs: must be > 0 (or set steps)")
-        if not 0.0 <= stage.warmup_ratio < 1.0:
-            raise RecipeError(f"{key}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
+        _check_stage(stage, key)
     _drop_unused(cfg, explicit)
+    _check_run(cfg)
     from ptscale.models.presets import PRESETS
 
     if cfg.model.preset not in PRESETS:
@@ -370,6 +372,46 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         raise RecipeError(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise RecipeError("eval.min_new_tokens: larger than eval.max_new_tokens")
+
+
+def _positive(value: float, key: str, *, zero_ok: bool = False) -> None:
+    """A finite number > 0 (>= 0 with ``zero_ok``): NaN, inf and negatives never reach the optimizer."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise RecipeError(f"{key}: must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def _check_stage(stage: StageConfig, key: str) -> None:
+    for name in ("lr", "batch_size", "grad_accum", "max_grad_norm"):
+        _positive(getattr(stage, name), f"{key}.{name}")
+    _positive(stage.weight_decay, f"{key}.weight_decay", zero_ok=True)
+    if stage.steps is not None:
+        if stage.steps < 1:
+            raise RecipeError(f"{key}.steps: must be >= 1 (or leave it unset to train by epochs), got {stage.steps}")
+    else:
+        _positive(stage.epochs, f"{key}.epochs")
+    if not 0.0 <= stage.warmup_ratio < 1.0:
+        raise RecipeError(f"{key}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
+
+
+def _check_run(cfg: RunConfig) -> None:
+    """Where the run writes and how it logs: a run name is one plain directory name inside output_dir."""
+    name = cfg.run_name
+    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
+        raise RecipeError(f"run_name: {name!r} is not a plain directory name (no '/', not '.' or '..'); the run lives "
+                          "in output_dir/run_name")
+    if not cfg.output_dir:
+        raise RecipeError("output_dir: empty; name the directory that holds the runs (default: runs)")
+    if cfg.model.path is not None and not cfg.model.path.strip():
+        raise RecipeError("model.path: empty; give a checkpoint directory, or remove the key for the embedded default")
+    for key in ("log_every", "eval.batch_size", "max_nonfinite_in_row", "data.max_text_len"):
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value < 1:
+            raise RecipeError(f"{key}: must be >= 1, got {value}")
+    if cfg.model.pretrain_steps < 0:
+        raise RecipeError(f"model.pretrain_steps: must be >= 0 (0: random weights), got {cfg.model.pretrain_steps}")
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 0:
+        raise RecipeError("checkpoint.every_steps / checkpoint.keep_last: must be >= 0")
 
 
 def _set_under(explicit: set[str] | frozenset[str], section: str) -> list[str]:
@@ -423,6 +465,7 @@ def _validate_quantization(cfg: RunConfig) -> None:
                           "LoRA (which supports quantised layers), or model.quantization: none")
 
 
+KARPATHY_SPLITS = ("train", "val", "test", "restval")  # the splits of dataset_coco.json / dataset_flickr30k.json
 _DATA_FILES = {
     "coco": ("karpathy_json", "image_root"),
     "flickr30k": ("karpathy_json", "image_root"),
@@ -443,6 +486,11 @@ def _validate_data(d: DataConfig) -> None:
         return
     if d.train_size < 0 or d.eval_size < 0:
         raise RecipeError("data.train_size / data.eval_size: caps must be >= 0 (0 = the whole split)")
+    if d.name in ("coco", "flickr30k"):
+        for key in ("train_split", "eval_split"):
+            if getattr(d, key) not in KARPATHY_SPLITS:
+                raise RecipeError(f"data.{key}: {getattr(d, key)!r} is not a Karpathy split; use one of "
+                                  f"{', '.join(KARPATHY_SPLITS)}")
     for key in _DATA_FILES[d.name]:
         value = getattr(d, key)
         if value is None:

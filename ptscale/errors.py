@@ -25,7 +25,10 @@ class RunInterrupted(Exception):
     command that resumes it. Exit code 128 + the signal number (130, 143)."""
 
     def __init__(self, signum: int, message: str = "") -> None:
-        super().__init__(message or f"interrupted by signal {signum}")
+        import signal
+
+        super().__init__(message or f"stopped by {signal.Signals(signum).name} before training started; nothing to "
+                                    "resume: start the run again")
         self.signum = signum
 
 

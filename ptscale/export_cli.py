@@ -38,9 +38,15 @@ def run_export_command(args: argparse.Namespace) -> int:
     if not (args.trainable or args.peft or args.merged or args.peft_prefix):
         print("ptscale export: name at least one of --trainable, --peft, --peft-prefix, --merged", file=sys.stderr)
         return 2
+    for option in ("peft", "merged", "peft_prefix"):  # directories: checked before the run is loaded
+        target = getattr(args, option)
+        if target is not None and target.exists() and not target.is_dir():
+            print(f"ptscale export: --{option.replace('_', '-')} {target} is a file; give a directory to write the "
+                  "export into", file=sys.stderr)
+            return 2
     try:
         return _export(args)
-    except (FileNotFoundError, ExportError, PeftPrefixError, ValueError) as e:
+    except (OSError, ExportError, PeftPrefixError, ValueError) as e:
         # bad input (no run, no checkpoint, nothing of that kind to export): one line, no traceback
         print(f"ptscale export: {e}", file=sys.stderr)
         return 2

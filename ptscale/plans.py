@@ -30,6 +30,7 @@ def documented(default: Any = dataclasses.MISSING, help: str = "", *, factory: A
 
 
 METHODS = ("prefix", "lora", "adapter", "full")
+MAX_ROUNDS = 100  # alternate(prefix,X,N): the paper's table 9 alternates a handful of times
 _ALTERNATE = re.compile(r"^alternate\((\w+),(\w+),(\d+)\)$")
 
 
@@ -68,8 +69,8 @@ def plan_layout(plan: str) -> list[tuple[str, list[str], str]]:
     spec = plan.replace(" ", "")
     if m := _ALTERNATE.match(spec):
         a, b, rounds = _check(m[1], plan), _check(m[2], plan), int(m[3])
-        if rounds < 1:
-            raise RecipeError(f"plan: {plan!r} needs at least one round")
+        if not 1 <= rounds <= MAX_ROUNDS:
+            raise RecipeError(f"plan: {plan!r} needs 1 to {MAX_ROUNDS} rounds")
         if a == b:
             raise RecipeError(f"plan: {plan!r} alternates one method with itself")
         return [(x, [x], f"round{r + 1}-{x}") for r in range(rounds) for x in (a, b)]

@@ -143,6 +143,18 @@ def resumed_recipe(run_dir: Path, recipe: str | None, overrides: list[str]) -> R
     return new
 
 
+def check_output_dir(cfg: RunConfig) -> None:
+    """output_dir can hold the run: its nearest existing ancestor is a writable directory (checked on every rank
+    before anything starts, so no rank fails alone while creating it)."""
+    path = Path(cfg.output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise RecipeError(f"output_dir {cfg.output_dir}: {existing} is a file, not a directory; choose another "
+                          "output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"output_dir {cfg.output_dir}: {existing} is not writable; choose another output_dir")
+
+
 def check_run_name_free(cfg: RunConfig) -> None:
     """A fresh run never writes into another run's directory (its checkpoints would mix with the new ones)."""
     if cfg.run_name and (path := Path(cfg.output_dir) / cfg.run_name / RECIPE_FILE).exists():

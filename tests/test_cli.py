@@ -46,6 +46,14 @@ def blip2_dir(tmp_path_factory) -> Path:
      ["adapter", "plan lora"]),
     (lambda d: ["plan=prefix->lora->full"], 2, ["plan", "more than two"]),
     (lambda d: ["model.preset=nope"], 2, ["model.preset", "nope", "tiny-blip2-opt"]),
+    (lambda d: ["run_name=.."], 2, ["run_name", "plain directory name"]),
+    (lambda d: ["methods.prefix.lr=nan"], 2, ["stages.0.lr", "finite", "nan"]),
+    (lambda d: ["log_every=0"], 2, ["log_every", ">= 1"]),
+    (lambda d: [f"output_dir={_write(d / 'afile', 'x')}/runs"], 2, ["output_dir", "is a file"]),
+    (lambda d: ["--recipe", str(d)], 2, ["is a directory"]),
+    (lambda d: ["--recipe", str(_write_bytes(d / "g.yaml", bytes(range(128, 256))))], 2, ["not UTF-8"]),
+    (lambda d: ["--ds", str(_write(d / "a.json", json.dumps({"steps_per_print": "auto"})))], 2,
+     ["steps_per_print", "auto"]),
     (lambda d: ["data.task=nope"], 2, ["data.task", "nope", "downstream"]),
 ])
 def test_recipe_mistakes_are_one_line_before_anything_runs(tmp_path, make, code, needles):
@@ -57,6 +65,11 @@ def test_recipe_mistakes_are_one_line_before_anything_runs(tmp_path, make, code,
 
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
+    return path
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
     return path
 
 

@@ -22,13 +22,13 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from ptscale.config import KARPATHY_SPLITS
 from ptscale.data.bad_data import BadDataReport, BadRecord, EmptySplitError, OnBadData, check_policy, reject
 from ptscale.data.images import LazyImageDataset, empty_split_detail
 from ptscale.errors import MalformedDataError, read_json_file
 
 logger = logging.getLogger(__name__)
 
-KARPATHY_SPLITS = ("train", "val", "test", "restval")
 TRAIN_SPLITS = ("train", "restval")
 
 FEATURES = datasets.Features({

@@ -123,7 +123,10 @@ def _read_json(path: Path, key: str) -> dict[str, Any]:
 
 def _index_annotations(path: Path) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
-    for ann in _read_json(path, "annotations")["annotations"]:
+    for position, ann in enumerate(_read_json(path, "annotations")["annotations"]):
+        if not isinstance(ann, dict) or "question_id" not in ann:
+            raise MalformedDataError(f"{path}: annotation #{position} has no \"question_id\"; expected official "
+                                     "VQAv2 annotations")
         qid = int(ann["question_id"])
         if qid in out:
             raise MalformedDataError(f"question id {qid} is annotated twice in {path}")

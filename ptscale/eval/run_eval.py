@@ -40,6 +40,7 @@ import torch
 from ptscale.checkpoint import write_text_atomic
 from ptscale.config import DEFAULT_DS, EvalConfig, RunConfig
 from ptscale.dist import ALONE, DistInfo
+from ptscale.errors import RecipeError
 from ptscale.eval.evaluate import generate_gathered, load_eval_data, score
 
 EVAL_RESULTS = "eval_results.json"
@@ -68,10 +69,10 @@ def generation_settings(run_eval_cfg: EvalConfig, request: EvalRequest) -> EvalC
     for key, value in overrides.items():
         lowest = 0 if key == "min_new_tokens" else 1
         if value < lowest:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= {lowest}, got {value}")
+            raise RecipeError(f"--{key.replace('_', '-')} must be >= {lowest}, got {value}")
     settings = dataclasses.replace(run_eval_cfg, **overrides)
     if settings.min_new_tokens > settings.max_new_tokens:
-        raise ValueError(f"--min-new-tokens {settings.min_new_tokens} exceeds --max-new-tokens "
+        raise RecipeError(f"--min-new-tokens {settings.min_new_tokens} exceeds --max-new-tokens "
                          f"{settings.max_new_tokens}")
     return settings
 
@@ -117,8 +118,11 @@ def generate_all(model, collator, records: Sequence[dict], settings: EvalConfig,
 
 def evaluate_run(request: EvalRequest) -> EvalOutcome | None:
     """Generate, gather, score, write. Returns the results on rank 0, None on the other ranks."""
+    from ptscale.rundir import load_run_recipe
     from ptscale.runs import load_run
 
+    if (Path(request.run_dir) / "recipe.yaml").is_file():  # the options are checked before the model loads
+        generation_settings(load_run_recipe(request.run_dir).eval, request)
     world = join_world()
     t0 = time.time()
     run = load_run(request.run_dir, request.checkpoint)

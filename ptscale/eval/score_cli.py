@@ -65,8 +65,13 @@ def run_score(args: argparse.Namespace) -> int:
             return _run_caption(args)
         if args.score_task == "vqa":
             return _run_vqa(args)
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as err:
-        # One line a user can act on (bad file, wrong format, no java) instead of a traceback.
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        # One line a user can act on instead of a traceback: the input files are missing, malformed or disagree
+        # (exit 3, a data error, as everywhere in ptscale)
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        print(f"ptscale score {args.score_task}: data error: {what}", file=sys.stderr)
+        return 3
+    except RuntimeError as err:  # the scorer itself failed (e.g. no java for SPICE when required)
         print(f"ptscale score {args.score_task}: error: {err}", file=sys.stderr)
         return 1
     raise ValueError(f"unknown score task {args.score_task!r}")

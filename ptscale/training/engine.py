@@ -65,6 +65,8 @@ RECIPE_OWNED = ("optimizer", "scheduler")
 
 def load_ds_template(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"--ds {path}: a directory; give a DeepSpeed JSON file (e.g. ds_configs/zero3.json)")
     if not path.is_file():
         raise RecipeError(f"--ds {path}: file not found (the shipped configs are in ds_configs/)")
     try:
@@ -78,7 +80,9 @@ def load_ds_template(path: str | Path) -> dict:
             raise RecipeError(f"--ds {path}: remove the {key!r} section; each stage of the recipe builds its "
                               "own AdamW and warm-up/decay schedule")
     zero = cfg.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if not isinstance(zero, dict):
+        raise RecipeError(f"--ds {path}: zero_optimization must be an object ({{\"stage\": 3, ...}}), got {zero!r}")
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise RecipeError(f"--ds {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return cfg
@@ -112,6 +116,7 @@ def check_against_recipe(template: dict, stages: list[StageConfig], dtype: str, 
     recipe in every stage: otherwise one of the two would be silently ignored."""
     given = _dotted(template)
     for i, stage in enumerate(stages):
+        resolve_ds_config(template, stage, dtype, world_size)  # an "auto" the recipe does not own fails now
         for key, value in _recipe_values(stage, dtype, world_size).items():
             if key in given and given[key] != "auto" and given[key] != value:
                 owner = {"bf16.enabled": "model.dtype", "fp16.enabled": "model.dtype",

@@ -77,14 +77,14 @@ def test_caption_end_to_end_coco_formats(tmp_path: Path, capsys: pytest.CaptureF
 def test_caption_unknown_image_is_an_error_exit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pred = _write(tmp_path / "pred.json", [{"image_id": 5, "caption": "a cat"}])
     ref = _write(tmp_path / "ref.json", {"6": ["a cat"]})
-    assert _run(["score", "caption", "--pred", str(pred), "--ref", str(ref)]) == 1
+    assert _run(["score", "caption", "--pred", str(pred), "--ref", str(ref)]) == 3  # data error
     assert "have no references: '5'" in capsys.readouterr().err
 
 
 def test_invalid_json_is_an_error_exit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pred = tmp_path / "pred.json"
     pred.write_text("[{", encoding="utf-8")
-    assert _run(["score", "caption", "--pred", str(pred), "--ref", str(pred)]) == 1
+    assert _run(["score", "caption", "--pred", str(pred), "--ref", str(pred)]) == 3  # data error
     assert "not valid JSON" in capsys.readouterr().err
 
 
@@ -126,13 +126,13 @@ def test_vqa_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def test_vqa_unknown_question_is_an_error_exit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = [{"question_id": 1, "answer": "yes"}, {"question_id": 99, "answer": "no"}]
-    assert _run(["score", "vqa", *_vqa_files(tmp_path, results)]) == 1
+    assert _run(["score", "vqa", *_vqa_files(tmp_path, results)]) == 3  # data error
     assert "not in the annotations: [99]" in capsys.readouterr().err
 
 
 def test_vqa_top_k_needs_ranked_answers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = [{"question_id": 1, "answer": "yes"}]
-    assert _run(["score", "vqa", *_vqa_files(tmp_path, results), "--top-k", "5"]) == 1
+    assert _run(["score", "vqa", *_vqa_files(tmp_path, results), "--top-k", "5"]) == 3  # data error
     assert "ranked 'answers' list" in capsys.readouterr().err
 
 
@@ -140,4 +140,4 @@ def test_vqa_require_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     results = [{"question_id": 1, "answer": "yes"}]
     assert _run(["score", "vqa", *_vqa_files(tmp_path, results)]) == 0
     assert "1 annotated questions without prediction" in capsys.readouterr().out
-    assert _run(["score", "vqa", *_vqa_files(tmp_path, results), "--require-all"]) == 1
+    assert _run(["score", "vqa", *_vqa_files(tmp_path, results), "--require-all"]) == 3  # data error

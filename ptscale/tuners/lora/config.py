@@ -27,3 +27,7 @@ def check_lora(cfg: LoraConfig) -> None:
             raise RecipeError(f"lora.targets.{comp}: unknown component; known: {', '.join(COMPONENTS)}")
     if cfg.r <= 0:
         raise RecipeError(f"lora.r: must be > 0, got {cfg.r}")
+    if cfg.alpha <= 0:
+        raise RecipeError(f"lora.alpha: must be > 0 (the update is scaled by alpha / r), got {cfg.alpha}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise RecipeError(f"lora.dropout: must be in [0, 1), got {cfg.dropout}")
