@@ -191,3 +191,17 @@ def check_backbone(run_dir: Path, identity: dict[str, str], what: str) -> None:
                           f"{recorded.get('source')} sha256 {str(recorded.get('digest'))[:12]}, now "
                           f"{identity.get('source')} sha256 {str(identity.get('digest'))[:12]}); use the original "
                           "weights (model.path or the cached default it was trained on)")
+
+
+def open_run_dir(cfg: RunConfig, resume: Resume | None, backbone_identity: dict[str, str]) -> Path:
+    """Rank 0: create the run directory (or reopen the resumed one) and write the resolved recipe (a resume's
+    allowed changes included) and, once, run.json."""
+    from ptscale.checkpoint import write_text_atomic  # torch: not before the recipe is read (this module is)
+    from ptscale.config import dump_recipe
+
+    run_dir = resume.run_dir if resume is not None else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / RECIPE_FILE, dump_recipe(cfg))
+    if not (run_dir / RUN_INFO_FILE).is_file():
+        write_text_atomic(run_dir / RUN_INFO_FILE, json.dumps(run_info(cfg, backbone_identity), indent=1))
+    return run_dir

@@ -32,7 +32,7 @@ from ptscale.checkpoint import (
     write_checkpoint,
     write_text_atomic,
 )
-from ptscale.config import RecipeError, RunConfig, StageConfig, dump_recipe
+from ptscale.config import RecipeError, RunConfig, StageConfig
 from ptscale.console import progress
 from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, collate_skipping
 from ptscale.data.collate import make_collator
@@ -47,7 +47,7 @@ from ptscale.models.memory import memory_report, reset_peaks
 from ptscale.models.sharded import build_backbone, cast_added_parameters
 from ptscale.plans import prefixes_active
 from ptscale.prefix.model import prefix_parameter_report
-from ptscale.rundir import RECIPE_FILE, RUN_INFO_FILE, Resume, check_backbone, new_run_dir, run_info
+from ptscale.rundir import Resume, check_backbone, open_run_dir
 from ptscale.runs import load_trained_weights
 from ptscale.training import engine as ds
 from ptscale.training.logger import MetricLogger
@@ -209,18 +209,8 @@ class PTPEFTRecipe:
         return backbone
 
     def _open_run_dir(self) -> Path:
-        """Rank 0 creates (or, resuming, reopens) the run directory and writes the resolved recipe and run.json."""
-        run_dir = None
-        if self.dist.is_main:
-            if self.resume is not None:
-                run_dir = self.resume.run_dir
-            else:
-                run_dir = new_run_dir(self.cfg)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / RECIPE_FILE, dump_recipe(self.cfg))
-            if not (run_dir / RUN_INFO_FILE).is_file():
-                write_text_atomic(run_dir / RUN_INFO_FILE, json.dumps(run_info(self.cfg, self.source.identity),
-                                                                      indent=1))
+        """Rank 0 creates (or, resuming, reopens) the run directory; every rank learns where it is."""
+        run_dir = open_run_dir(self.cfg, self.resume, self.source.identity) if self.dist.is_main else None
         return Path(ds.broadcast_object(str(run_dir)))
 
     def _load_checkpoint(self, path: Path, progress: Progress, tuned: dict, optimizer: dict | None) -> None:
