@@ -18,10 +18,14 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+import torch.distributed
 from torch import nn
 
 from ptscale.config import ModelConfig
+from ptscale.dist import gather_objects
 from ptscale.models.backbone import DTYPES, Backbone, BackboneSource, load_backbone
+from ptscale.models.memory import memory_report, reset_peaks
 from ptscale.models.presets import preset_parts
 
 log = logging.getLogger(__name__)
@@ -162,6 +166,13 @@ def build_backbone(source: BackboneSource, model_cfg: ModelConfig, zero3_config:
     if not sharded:
         return build_random_backbone(m.preset, m.dtype) if random_weights else \
             load_backbone(source.path, m.dtype, m.quantization)
+    reset_peaks()
     if random_weights:
-        return build_sharded_backbone(m.preset, zero3_config, m.dtype)
-    return load_sharded_backbone(m.path, zero3_config, m.dtype)
+        backbone = build_sharded_backbone(m.preset, zero3_config, m.dtype)
+    else:
+        backbone = load_sharded_backbone(m.path, zero3_config, m.dtype)
+    reports = gather_objects(memory_report(torch.distributed.get_rank()))  # every rank's peak, printed by rank 0
+    if torch.distributed.get_rank() == 0:
+        for report in reports:
+            print(report.line(f"built {m.path or m.preset} under zero.Init"), flush=True)
+    return backbone

@@ -39,11 +39,10 @@ from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
 from ptscale.errors import RunInterrupted, TrainingStopped
 from ptscale.eval.evaluate import eval_data, generate_gathered, score
-from ptscale.models.backbone import Backbone, resolve_source
+from ptscale.models.backbone import resolve_source
 from ptscale.models.build import build_model, check_buildable
 from ptscale.models.feature_cache import VisionFeatureCache, cache_for_stage
 from ptscale.models.groups import group_of, group_sizes, set_trainable
-from ptscale.models.memory import memory_report, reset_peaks
 from ptscale.models.sharded import build_backbone, cast_added_parameters
 from ptscale.plans import prefixes_active
 from ptscale.prefix.model import prefix_parameter_report
@@ -185,7 +184,9 @@ class PTPEFTRecipe:
         if self.dist.is_main:
             tqdm.write(f"{self.summary()}; run directory {self.run_dir}")
         self.logger = MetricLogger(self.run_dir, self.dist.is_main)
-        self.backbone = self._build_backbone()
+        m = cfg.model  # whole, or sharded from the first parameter under ZeRO-3 (each rank's peak memory printed)
+        self.backbone = build_backbone(self.source, m, ds.zero3_config(self.ds_template, cfg.stages[0], m.dtype,
+                                                                       self.dist.world_size))
         self.model = build_model(cfg, self.backbone)
         cast_added_parameters(self.model, cfg.model.dtype)  # prefixes/tuners beside a zero.Init-built backbone
         self.bad_data = BadDataReport()
@@ -195,18 +196,6 @@ class PTPEFTRecipe:
             self._load_checkpoint(self.resume.checkpoint, *self._checkpoint_read)
             self._checkpoint_read = None
         self.results = [EvalPoint(**r) for r in self.progress.results]
-
-    def _build_backbone(self) -> Backbone:
-        """Whole, or sharded from the first parameter under ZeRO-3 (each rank's peak memory printed then)."""
-        m = self.cfg.model
-        reset_peaks()
-        backbone = build_backbone(self.source, m, ds.zero3_config(self.ds_template, self.cfg.stages[0], m.dtype,
-                                                                  self.dist.world_size))
-        if any(hasattr(p, "ds_id") for p in backbone.model.parameters()):
-            for report in ds.gather_objects(memory_report(self.dist.rank)):
-                if self.dist.is_main:
-                    tqdm.write(report.line(f"built {m.path or m.preset} under zero.Init"))
-        return backbone
 
     def _open_run_dir(self) -> Path:
         """Rank 0 creates (or, resuming, reopens) the run directory; every rank learns where it is."""
