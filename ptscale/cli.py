@@ -74,6 +74,9 @@ def resolve_train_config(args: argparse.Namespace):
         where = f"{output_dir}/{run_name}" if run_name else f"any run under {output_dir}"
         print(f"ptscale: --resume auto: no complete checkpoint in {where}; starting a fresh run", file=sys.stderr)
         return load_recipe(args.recipe, args.overrides), None
+    if resume.checkpoint is None:
+        print(f"ptscale: --resume: {resume.run_dir} has no complete checkpoint yet; starting it again from the "
+              "beginning with its saved recipe", file=sys.stderr)
     return resumed_recipe(resume.run_dir, args.recipe, args.overrides), resume
 
 
