@@ -137,7 +137,7 @@ def test_a_mistake_on_two_ranks_is_one_line_from_each_launch_and_leaves_nothing(
     out = tmp_path / "out"
     proc = subprocess.run([str(BIN / "deepspeed"), "--master_port", free_port(), "--num_gpus", "2", TRAIN,
                            "--ds", "ds_configs/zero3.json", f"output_dir={out}", f"model.path={blip2_dir}",
-                           "prefix.lengths.encoder=4", "data.train_size=16"], cwd=ROOT, env=user_env(),
+                           "prefix.lengths.encoder=4", "data.train_size=64"], cwd=ROOT, env=user_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
