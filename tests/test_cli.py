@@ -95,6 +95,7 @@ def _opt_dir(d: Path) -> str:
     return f"model.path={d / 'opt'}"
 
 
+@pytest.mark.slow  # each case starts DeepSpeed and reads the backbone (about 8 s)
 @pytest.mark.parametrize("make, code, needles", [
     (lambda d, b: [f"model.path={d / 'nowhere'}"], 2, ["model.path", "no such directory"]),
     (lambda d, b: [f"model.path={(d / 'empty').mkdir() or d / 'empty'}"], 2, ["model.path", "config.json"]),
@@ -139,6 +140,7 @@ def test_a_users_recipe_gets_the_same_defaults_as_the_embedded_one(tmp_path):
     assert yaml.safe_load((ROOT / "ptscale" / "recipes" / "default.yaml").read_text()) == {"plan": "prefix->lora"}
 
 
+@pytest.mark.slow
 def test_dry_run_checks_everything_and_writes_nothing(tmp_path, blip2_dir):
     out = tmp_path / "out"
     proc = cli(TRAIN, "--dry-run", f"output_dir={out}", f"model.path={blip2_dir}", "data.train_size=16")

@@ -174,6 +174,7 @@ def test_unknown_words_are_quoted(tiny_tokenizer) -> None:
     assert rate.examples == ("zebra", "giraffe")
 
 
+@pytest.mark.slow
 def test_cli_run_on_uncovered_data_stops_with_exit_2(coco, tmp_path) -> None:
     """As a user runs it: ``launchers/train.py data.name=coco ...`` on the default tiny model."""
     cfg = _coco_with_captions(coco, COCO_CAPTIONS)

@@ -592,6 +592,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow
 def test_plus_kernels_compile_for_sm90_without_spills():
     # Every Prefix-Tuning+ kernel as default_plus_config would launch it on an H100, compiled down to a cubin
     # with Triton's bundled ptxas (always compiled, so that ptxas reports its register use), in a process

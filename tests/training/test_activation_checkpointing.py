@@ -31,6 +31,7 @@ def plain(tmp_path_factory) -> dict:
     return _run(tmp_path_factory.mktemp("plain"), "plain", False, "ds_configs/zero3.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["ds_configs/zero3.json", "ds_configs/zero3_offload.json"])
 def test_checkpointed_two_stage_run_matches_the_plain_one(tmp_path, plain, ds_config):
     """Checkpointing on, with ZeRO-3 alone and with parameters and optimizer offloaded to the host."""

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_train_writes_rows_for_each_stage_and_mode(tmp_path):
     proc = subprocess.run([sys.executable, "launchers/bench_train.py", "--out", str(tmp_path), "--steps", "1",
                            "--warmup", "1", "model.pretrain_steps=0", "data.train_size=32"],

@@ -57,6 +57,7 @@ def test_model_path_builds_partitioned_and_resumes_full_weights_into_the_shards(
 
 
 # bf16 under zero.Init: the fp32 prefixes added after the build must be cast (cast_added_parameters)
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config, dtype, built_sharded", [("zero3.json", "bf16", True),
                                                              ("zero2.json", "fp32", False)])
 def test_random_weights_preset_trains_built_sharded_only_under_zero3(tmp_path, ds_config, dtype, built_sharded):
