@@ -14,3 +14,16 @@ def tiny_backbone():
 
     model, tokenizer = new_tiny_model("tiny-blip2-opt", seed=0)
     return model.eval(), tokenizer, tiny_processor()
+
+
+@pytest.fixture(scope="session")
+def blip2_dir(tmp_path_factory):
+    """A tiny BLIP-2 checkpoint directory for ``model.path`` (weights, tokenizer, image processor): command-line
+    tests run on it without pre-training the default backbone. Tests that change weights copy it first."""
+    from ptscale.models.pretrain import new_tiny_model, tiny_processor
+
+    path = tmp_path_factory.mktemp("blip2")
+    model, tok = new_tiny_model("tiny-blip2-opt", seed=0)
+    for thing in (model, tok, tiny_processor()):
+        thing.save_pretrained(path)
+    return path

@@ -13,19 +13,6 @@ import yaml
 from ptscale.config import load_recipe
 from tests.launch import ROOT, TRAIN, assert_one_line, cli
 
-
-@pytest.fixture(scope="module")
-def blip2_dir(tmp_path_factory) -> Path:
-    """A tiny BLIP-2 checkpoint directory (model.path), so no test here pre-trains the default backbone."""
-    from ptscale.models.pretrain import new_tiny_model, tiny_processor
-
-    path = tmp_path_factory.mktemp("blip2")
-    model, tok = new_tiny_model("tiny-blip2-opt", seed=0)
-    for thing in (model, tok, tiny_processor()):
-        thing.save_pretrained(path)
-    return path
-
-
 # --- mistakes found before torch is imported ----------------------------------------------------------------
 
 @pytest.mark.parametrize("make, code, needles", [

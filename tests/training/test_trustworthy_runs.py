@@ -25,17 +25,6 @@ FAST = ["data.train_size=64", "data.eval_size=4", "eval.num_beams=1", "checkpoin
         "methods.lora.epochs=1", "log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def blip2_dir(tmp_path_factory) -> Path:
-    from ptscale.models.pretrain import new_tiny_model, tiny_processor
-
-    path = tmp_path_factory.mktemp("blip2")
-    model, tok = new_tiny_model("tiny-blip2-opt", seed=0)
-    for thing in (model, tok, tiny_processor()):
-        thing.save_pretrained(path)
-    return path
-
-
 def _records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
