@@ -144,7 +144,7 @@ def _is_main_rank() -> bool:
 def _one_line(kind: str, error: BaseException, everywhere: bool) -> None:
     """``everywhere``: errors that may differ between ranks (a file one rank reads) are printed by every rank,
     with its number; a recipe error is the same on every rank and printed once."""
-    text = " ".join(str(error).split("\n")[0:1]) or type(error).__name__
+    text = (str(error).splitlines() or [type(error).__name__])[0]
     if everywhere and os.environ.get("WORLD_SIZE", "1") != "1":
         print(f"ptscale [rank {os.environ.get('RANK', '0')}]: {kind}: {text}", file=sys.stderr)
     elif _is_main_rank():

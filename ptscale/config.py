@@ -235,7 +235,7 @@ def _apply_override(raw: dict, item: str) -> str:
             if had_default and default is not None and not isinstance(default, (dict, list)):
                 raise RecipeError(f"override {key!r}: {part!r} holds a value, not a mapping")
             if node.get(part) is None:
-                node[part] = dict(default) if isinstance(default, dict) and part in _MAPPING_SETTINGS else {}
+                node[part] = dict(default) if isinstance(default, dict) and part in MAPPING_SETTINGS else {}
             node = node[part]
             if not isinstance(node, (dict, list)):
                 raise RecipeError(f"override {key!r}: {part!r} holds a value, not a mapping")
@@ -247,7 +247,7 @@ def _apply_override(raw: dict, item: str) -> str:
     return key
 
 
-_MAPPING_SETTINGS = ("lengths", "targets")  # dict-valued settings (prefix.lengths, lora.targets)
+MAPPING_SETTINGS = ("lengths", "targets")  # dict-valued settings (prefix.lengths, lora.targets)
 
 
 def _list_index(node: list, part: str, key: str) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ptscale.config import RunConfig, load_recipe, to_dict
+from ptscale.config import MAPPING_SETTINGS, RunConfig, load_recipe, to_dict
 from ptscale.errors import RecipeError, RunDirError
 from ptscale.version import __version__
 
@@ -96,11 +96,12 @@ def find_resume(resume: str, output_dir: str, run_name: str | None) -> Resume | 
                       "(no progress.json); give RUN_DIR or RUN_DIR/checkpoints/ckpt-*")
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted keys; a mapping-valued setting (prefix.lengths, lora.targets) is compared as one value."""
     out: dict[str, object] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v and not k == "lengths" and not k == "targets":
-            out.update(flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and v and k not in MAPPING_SETTINGS:
+            out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -118,7 +119,7 @@ def resume_differences(saved: RunConfig, new: RunConfig) -> list[str]:
     """``key: old -> new`` for every training setting a resume would change."""
     a, b = to_dict(saved), to_dict(new)
     sa, sb = a.pop("stages"), b.pop("stages")
-    a, b = flatten(a), flatten(b)
+    a, b = _flatten(a), _flatten(b)
     out = [f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}" for key in sorted(set(a) | set(b))
            if not _may_change(key) and a.get(key) != b.get(key)]
     for i in range(max(len(sa), len(sb))):
