@@ -38,8 +38,11 @@ log = logging.getLogger("ptscale")
 class ModelConfig:
     preset: str = _doc("tiny-blip2-opt", "a named architecture (`ptscale ls presets`); tiny-blip2-opt is "
                        "pre-trained once and cached, the others are geometries (random weights without model.path)")
-    path: str | None = _doc(None, "local HF BLIP-2 checkpoint directory (weights, tokenizer, image processor); "
-                            "overrides the preset's weights")
+    path: str | None = _doc(None, "local HF checkpoint directory (weights, tokenizer; BLIP-2 also its image "
+                            "processor): BLIP-2, OPT, Llama, Qwen2 or T5; overrides the preset's weights")
+    family: str | None = _doc(None, (
+        "blip2, opt, llama, qwen2 or t5 (ptscale.models.families); null: detected from model.path's config.json "
+        "model_type, else the preset's. A language-model family trains on text data (data.name: text)"))
     pretrain_steps: int = _doc(1500, "pre-training steps of the embedded default backbone (once, cached); "
                                "0: random weights")
     dtype: Literal["fp32", "bf16", "fp16"] = _doc("fp32", "parameter and compute dtype")
@@ -52,7 +55,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "coco", "flickr30k", "vqav2"] = _doc("synthetic", "the dataset (README 'Data')")
+    name: Literal["synthetic", "coco", "flickr30k", "vqav2", "text"] = _doc("synthetic", (
+        "the dataset (README 'Data'); text: local text files (data.train_file / data.eval_file) for a language "
+        "model"))
     task: str = _doc("downstream", "synthetic only: pretrain (the broad distribution) or downstream (the "
                      "adaptation task)")
     train_size: int = _doc(1024, "synthetic: the training split's size; real datasets: a cap on the examples "
@@ -61,7 +66,8 @@ class DataConfig:
     seed: int = _doc(1234, "seed of the synthetic data")
     prompt: str = _doc("", "text before the caption (BLIP-2 uses 'a photo of'); VQA: a template with {} for the "
                        "question")
-    max_text_len: int = _doc(24, "caption tokens kept per example (a longer caption is cut before its EOS)")
+    max_text_len: int = _doc(24, "caption tokens kept per example (a longer caption is cut before its EOS); text: the "
+                             "longest record in tokens (prompt + completion), a longer one is bad data")
     on_bad_data: Literal["error", "skip"] = _doc("error", (
         "a missing/corrupt image, an empty caption, ...: error stops the run naming the record (exit 3); skip "
         "drops it and counts it at each epoch end"))
@@ -74,6 +80,20 @@ class DataConfig:
     vqa_train_annotations: str | None = _doc(None, "vqav2: the official annotations JSON of the training split")
     vqa_eval_questions: str | None = _doc(None, "vqav2: the official questions JSON of the evaluation split")
     vqa_eval_annotations: str | None = _doc(None, "vqav2: the official annotations JSON of the evaluation split")
+    train_file: str | None = _doc(None, (
+        "text: the training data, a local .jsonl / .json / .parquet / .csv file, or a directory written by "
+        "datasets' save_to_disk (then its split data.train_split)"))
+    eval_file: str | None = _doc(None, (
+        "text: the held-out data, a file as data.train_file; null with a saved dataset directory: its split "
+        "data.eval_split"))
+    prompt_column: str = _doc("prompt", "text: the column holding the prompt (no loss on it)")
+    completion_column: str = _doc("completion", (
+        "text: the column holding the completion (the loss is on it; a file without it is plain text, read from "
+        "data.text_column)"))
+    text_column: str = _doc("text", "text: the column of plain language-model text (loss on every token)")
+    chat_template: Literal["auto", "never"] = _doc("auto", (
+        "text: auto wraps each prompt in the tokenizer's chat template (as a user turn) where the tokenizer has "
+        "one; never uses the prompt as it is"))
 
 
 @dataclass
@@ -332,6 +352,7 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
     # the group names are owned by the model side
     from ptscale.models.groups import GROUP_ALIASES, GROUPS, expand_groups
 
+    family = _family(cfg, explicit)
     check_prefix(cfg.prefix)
     check_lora(cfg.lora)
     if not cfg.stages:
@@ -346,7 +367,10 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
             if group not in GROUPS and group not in GROUP_ALIASES:
                 known = ", ".join((*GROUPS, *GROUP_ALIASES))
                 raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {known}")
-        stage.train = expand_groups(stage.train)
+        stage.train = expand_groups(stage.train, {"full": family.full})
+        if missing := [g for g in stage.train if g not in family.groups]:
+            raise RecipeError(f"{key}.train: a {family.name} model has no {', '.join(map(repr, missing))} parameters; "
+                              f"its groups: {', '.join(family.groups)} (and full = {' + '.join(family.full)})")
         if cfg.model.quantization != "none" and (frozen := set(stage.train) & set(QUANTIZED_GROUPS)):
             raise RecipeError(f"{key}.train: trains {', '.join(sorted(frozen))}, whose Linear weights are stored "
                               f"quantized (model.quantization={cfg.model.quantization}) and cannot train; train "
@@ -355,6 +379,9 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
             raise RecipeError(f"{key}.train: trains 'prefix' but every prefix.lengths is 0")
         if "lora" in stage.train and not has_lora:
             raise RecipeError(f"{key}.train: trains 'lora' but lora.targets is empty")
+        if "adapter" in stage.train and family.is_language_model:
+            raise RecipeError(f"{key}.train: adapters wrap BLIP-2's towers only; on a {family.name} language model "
+                              "train prefix, lora or full")
         if "adapter" in stage.train and cfg.adapter is None:
             raise RecipeError(f"{key}.train: trains 'adapter' but the recipe has no adapter section "
                               "(e.g. adapter: {kind: sequential, components: [qformer], budget: 12288})")
@@ -372,6 +399,33 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         raise RecipeError(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise RecipeError("eval.min_new_tokens: larger than eval.max_new_tokens")
+
+
+def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
+    """Resolve ``model.family`` (recorded in the run's recipe) and give a language-model family its own defaults
+    for what the user did not set: prefixes in the language model only, LoRA on its q / v projections
+    (``ptscale.models.families``). Text data and language models go together."""
+    from ptscale.models.families import FAMILIES, resolve_family
+
+    m = cfg.model
+    preset_family = "blip2"  # every preset is a BLIP-2 geometry
+    family = FAMILIES[resolve_family(m.family, m.path, preset_family)]
+    m.family = family.name
+    if family.is_language_model:
+        if not _set_under(explicit, "prefix.lengths") and cfg.prefix.lengths == PrefixConfig().lengths:
+            cfg.prefix.lengths = dict(family.prefix_lengths)
+        if not _set_under(explicit, "lora.targets") and cfg.lora.targets == LoraConfig().targets:
+            cfg.lora.targets = {k: list(v) for k, v in family.lora_targets.items()}
+        if cfg.data.name != "text":
+            raise RecipeError(f"data.name: {cfg.data.name} is image data, but model.family {family.name} is a language "
+                              "model; set data.name: text with data.train_file (README 'Language models')")
+        if cfg.model.path is None:
+            raise RecipeError(f"model.family {family.name}: needs a checkpoint; set model.path to a local "
+                              f"{family.model_type} checkpoint directory")
+    elif cfg.data.name == "text":
+        raise RecipeError(f"data.name: text trains a language model, but the model is {family.name}; set model.path to "
+                          "a language-model checkpoint (opt, llama, qwen2, t5)")
+    return family
 
 
 def _positive(value: float, key: str, *, zero_ok: bool = False) -> None:
@@ -486,6 +540,9 @@ def _validate_data(d: DataConfig) -> None:
         return
     if d.train_size < 0 or d.eval_size < 0:
         raise RecipeError("data.train_size / data.eval_size: caps must be >= 0 (0 = the whole split)")
+    if d.name == "text":
+        _validate_text_data(d)
+        return
     if d.name in ("coco", "flickr30k"):
         for key in ("train_split", "eval_split"):
             if getattr(d, key) not in KARPATHY_SPLITS:
@@ -499,6 +556,23 @@ def _validate_data(d: DataConfig) -> None:
             raise RecipeError(f"data.{key}: {value} does not exist")
     if d.name == "vqav2" and d.prompt and "{}" not in d.prompt:
         raise RecipeError(f"data.prompt: a VQA prompt needs a {{}} for the question, got {d.prompt!r}")
+
+
+def _validate_text_data(d: DataConfig) -> None:
+    """The files exist (their contents are read, and checked, with the data: exit 3 there)."""
+    if d.train_file is None:
+        raise RecipeError("data.train_file: required for data.name=text (a .jsonl / .parquet / .csv file, or a "
+                          "datasets save_to_disk directory)")
+    for key in ("train_file", "eval_file"):
+        value = getattr(d, key)
+        if value is not None and not Path(value).exists():
+            raise RecipeError(f"data.{key}: {value} does not exist")
+    if d.eval_file is None and not Path(d.train_file).is_dir():
+        raise RecipeError("data.eval_file: required when data.train_file is a file (a saved dataset directory "
+                          "gives its split data.eval_split instead)")
+    columns = {k: getattr(d, k) for k in ("prompt_column", "completion_column", "text_column")}
+    if empty := [k for k, v in columns.items() if not v]:
+        raise RecipeError(f"data.{empty[0]}: empty; name a column of the data files")
 
 
 def to_dict(cfg: RunConfig) -> dict:

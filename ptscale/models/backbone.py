@@ -168,21 +168,41 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none") -> Backbone:
+def model_class(family: str):
+    """The transformers class a family's checkpoints load as (ptscale.models.families)."""
+    from ptscale.models.families import FAMILIES
+
+    kind = FAMILIES[family].kind
+    if kind == "vision-language":
+        return Blip2ForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSeq2SeqLM
+
+
+def new_model(family: str, config):
+    """A family's model from its config, with fresh weights (on the current default device, e.g. meta)."""
+    cls = model_class(family)
+    return cls(config) if family == "blip2" else cls.from_config(config)
+
+
+def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none", family: str = "blip2") -> Backbone:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 "
-                                "checkpoint directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
+        raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF checkpoint "
+                                "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
     quant = quantization_config(quantization, dtype)
+    cls = model_class(family)
     if quant is None:
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype])
     else:  # bitsandbytes quantises while loading, on the device this rank computes on
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quant,
-                                                              device_map={"": device})
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quant, device_map={"": device})
         if device == "cpu":
             _keep_cpu_4bit_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if family != "blip2":  # a language model: no images
+        return Backbone(model, tokenizer, None, path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     if getattr(model.config, "image_token_id", None) is None:
         raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
@@ -202,6 +222,14 @@ class BackboneSource:
     tokenizer: object
     image_processor: object
     identity: dict[str, str]  # {"source": ..., "digest": ...}
+    family: str = "blip2"  # ptscale.models.families
+
+    @property
+    def kind(self) -> str:
+        """vision-language, causal-lm or seq2seq-lm: what the data and the evaluation are."""
+        from ptscale.models.families import FAMILIES
+
+        return FAMILIES[self.family].kind
 
     @property
     def image_token_id(self) -> int:
@@ -212,7 +240,6 @@ class BackboneSource:
         return self.config.num_query_tokens
 
 
-SUPPORTED_MODEL_TYPES = ("blip-2",)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -230,13 +257,9 @@ def check_checkpoint_dir(path: Path) -> None:
     if not config.is_file():
         raise RecipeError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 checkpoint "
                           "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except ValueError as e:
-        raise DataError(f"model.path {config}: not valid JSON ({e}); re-save the checkpoint") from None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise RecipeError(f"model.path {path}: a {model_type!r} checkpoint; ptscale trains "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Blip2ForConditionalGeneration)")
+    from ptscale.models.families import family_of_checkpoint
+
+    family_of_checkpoint(path)  # a model type ptscale does not train: refused, naming the supported ones
     weights = _weight_files(path)
     if not weights:
         raise RecipeError(f"model.path {path}: no weights (model.safetensors or pytorch_model.bin); the directory "
@@ -292,6 +315,9 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     from ptscale.errors import RecipeError
 
     config = AutoConfig.from_pretrained(path)
+    family = cfg.family or "blip2"
+    if family != "blip2":
+        return _language_model_source(cfg, path, config, family)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
@@ -304,3 +330,18 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     source = str(path) if cfg.path else f"embedded default {path.name}"
     return BackboneSource(path, config, tokenizer, image_processor,
                           {"source": source, "path": str(path), "digest": backbone_digest(path)})
+
+
+def _language_model_source(cfg: ModelConfig, path: Path, config, family: str) -> BackboneSource:
+    from ptscale.errors import RecipeError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.path {path}: its tokenizer cannot be loaded ({str(e).splitlines()[0]}); save it "
+                          "beside the weights (tokenizer.save_pretrained)") from None
+    if tokenizer.eos_token_id is None:
+        raise RecipeError(f"model.path {path}: the tokenizer has no EOS token; a completion needs one to end")
+    source = str(path) if cfg.path else f"embedded default {path.name}"
+    return BackboneSource(path, config, tokenizer, None, {"source": source, "path": str(path),
+                                                          "digest": backbone_digest(path)}, family=family)

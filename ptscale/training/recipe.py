@@ -55,6 +55,7 @@ log = logging.getLogger("ptscale")
 
 METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 VQA_METRICS = ("VQA_accuracy",)
+TEXT_METRICS = ("loss", "perplexity", "exact_match")  # ptscale.eval.text
 
 
 @dataclass
@@ -492,17 +493,19 @@ class PTPEFTRecipe:
             self.results.append(EvalPoint(point, index, trainable, total, metrics, unavailable, step,
                                           self._eval_settings()))
             safe = point.replace(" ", "_")
-            write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(scored.rows, indent=1))
+            rows_file = "predictions" if self.eval_data.task == "text" else "captions"
+            write_text_atomic(self.run_dir / f"{rows_file}-{safe}.json", json.dumps(scored.rows, indent=1))
             self.logger.log(step, {"kind": "eval", "stage": point, **metrics})
             tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                       if k in METRICS + VQA_METRICS))
+                                                       if k in METRICS + VQA_METRICS + TEXT_METRICS))
             self._write_results()
         self.results = ds.broadcast_object(self.results)
         ds.barrier()
 
     def _eval_settings(self) -> dict:
         d, e = self.cfg.data, self.cfg.eval
-        split = {"synthetic": "eval", "vqav2": Path(d.vqa_eval_questions or "").name}.get(d.name, d.eval_split)
+        split = {"synthetic": "eval", "vqav2": Path(d.vqa_eval_questions or "").name,
+                 "text": Path(d.eval_file).name if d.eval_file else d.eval_split}.get(d.name, d.eval_split)
         return {"data": d.name, "task": d.task if d.name == "synthetic" else self.splits.task,
                 "split": split, "size": len(self.eval_records),
                 "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens}
@@ -525,6 +528,8 @@ class PTPEFTRecipe:
 
 def results_table(results: list[EvalPoint]) -> str:
     names = VQA_METRICS if any("VQA_accuracy" in r.metrics for r in results) else METRICS
+    if any("perplexity" in r.metrics for r in results):
+        names = tuple(m for m in TEXT_METRICS if any(m in r.metrics for r in results))
     head = ["evaluated", "trainable", "share %", *names]
     rows = [[r.point, f"{r.trainable:,}", f"{100 * r.trainable / r.total:.3f}",
              *(f"{r.metrics.get(m, float('nan')):.4f}" for m in names)] for r in results]
