@@ -100,7 +100,16 @@ def meta_model(preset: str | None, path: str | None) -> Any:
 
     if path is not None:
         if not (Path(path) / "config.json").is_file():
-            raise RecipeError(f"--path {path}: no config.json (a HF BLIP-2 checkpoint directory)")
+            raise RecipeError(f"--path {path}: no config.json (a HF checkpoint directory)")
+        family = _family(path)
+        if family.is_language_model:
+            from transformers import AutoConfig
+
+            from ptscale.models.backbone import new_model
+
+            with torch.device("meta"):
+                base = new_model(family.name, AutoConfig.from_pretrained(path))
+                return PrefixTunedModel(base, PrefixConfig(lengths=dict(family.prefix_lengths)))
         config = Blip2Config.from_pretrained(path)
     else:
         preset = preset or DEFAULT_PRESET
@@ -111,6 +120,13 @@ def meta_model(preset: str | None, path: str | None) -> Any:
         return PrefixTunedModel(Blip2ForConditionalGeneration(config), PrefixConfig())
 
 
+def _family(path: str | None):
+    """The model family of ``--path`` (detected from its config.json; BLIP-2 for a preset)."""
+    from ptscale.models.families import FAMILIES, family_of_checkpoint
+
+    return FAMILIES[(family_of_checkpoint(path) if path else None) or "blip2"]
+
+
 def group_sizes(preset: str | None, path: str | None) -> dict[str, int]:
     """Parameters per group with the default prefix lengths and LoRA targets (adapters: set by their size)."""
     from ptscale.config import LoraConfig
@@ -118,7 +134,8 @@ def group_sizes(preset: str | None, path: str | None) -> dict[str, int]:
     from ptscale.tuners.lora import inject_lora
 
     model = meta_model(preset, path)
-    inject_lora(model, LoraConfig())
+    family = _family(path)
+    inject_lora(model, LoraConfig(targets=family.lora_targets) if family.is_language_model else LoraConfig())
     return sizes(model)
 
 
@@ -129,8 +146,9 @@ def lora_targets(model: Any) -> dict[str, dict[str, int]]:
 
     from ptscale.tuners.lora import COMPONENT_ROOTS
 
+    roots = COMPONENT_ROOTS if hasattr(model.base, "qformer") else {"language_model": "base."}  # a standalone LM
     out: dict[str, dict[str, int]] = {}
-    for component, root in COMPONENT_ROOTS.items():
+    for component, root in roots.items():
         found: dict[str, int] = {}
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name.startswith(root) and ".lora_" not in name:
@@ -163,14 +181,16 @@ def show_plans() -> str:
 
 
 def show_groups(preset: str | None, path: str | None) -> str:
-    from ptscale.models.groups import GROUP_ALIASES, GROUPS
+    from ptscale.models.groups import GROUPS
 
     sizes = group_sizes(preset, path)
     total = sum(sizes.values())
-    rows = [[g, f"{sizes[g]:,}", f"{100 * sizes[g] / total:.2f}%"] for g in GROUPS]
+    family = _family(path)
+    groups = [g for g in GROUPS if g in family.groups]
+    rows = [[g, f"{sizes[g]:,}", f"{100 * sizes[g] / total:.2f}%"] for g in groups]
     rows = [[g, "set by adapter.bottleneck / adapter.budget", ""] if g == "adapter" else r
-            for g, r in zip(GROUPS, rows, strict=True)]
-    for alias, members in GROUP_ALIASES.items():
+            for g, r in zip(groups, rows, strict=True)]
+    for alias, members in {"full": family.full}.items():
         n = sum(sizes[g] for g in members)
         rows.append([alias, f"{n:,}", f"{100 * n / total:.2f}%", "= " + " + ".join(members)])
     rows = [r + [""] * (4 - len(r)) for r in rows]
@@ -181,15 +201,23 @@ def show_groups(preset: str | None, path: str | None) -> str:
 
 def show_targets(preset: str | None, path: str | None) -> str:
     from ptscale.config import LoraConfig
+    from ptscale.models.families import FAMILIES
 
-    defaults = LoraConfig().targets
+    family = _family(path)
+    defaults = family.lora_targets if family.is_language_model else LoraConfig().targets
     lines = [f"LoRA targets (lora.targets.<component>: [names]) of {path or preset or DEFAULT_PRESET}; a name "
              "matches module paths ending in it, * = default:"]
     for component, found in lora_targets(meta_model(preset, path)).items():
         lines.append(f"  {component}:")
-        rows = [[("* " if t in defaults.get(component, []) else "  ") + t, f"{n} module{'s' * (n != 1)}"]
-                for t, n in sorted(found.items())]
+        chosen = defaults.get(component, [])  # a default matches a listed name ending in it on a dot boundary
+        rows = [[("* " if any(t == d or t.endswith("." + d) for d in chosen) else "  ") + t,
+                 f"{n} module{'s' * (n != 1)}"] for t, n in sorted(found.items())]
         lines.append(_table(rows, indent="    ") if rows else "    (no Linear modules)")
+    if path is None:  # the language-model families' defaults (a checkpoint of one: --path DIR)
+        lms = [f for f in FAMILIES.values() if f.is_language_model]
+        lines.append("  language models (model.path of an " + " / ".join(f.name for f in lms) + " checkpoint): " +
+                     "; ".join(f"{f.name} " + ", ".join(f"lora.targets.{c}: {' '.join(t)}"
+                                                         for c, t in f.lora_targets.items()) for f in lms))
     return "\n".join(lines)
 
 

@@ -37,7 +37,8 @@ def _cap(dataset, n: int):
 def load_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
     """The recipe's splits, after checking that the collator's tokenizer can express their text
     (RecipeError naming the unknown-token rate otherwise)."""
-    if cfg.name == "text":  # records checked as they load (ptscale.data.text); the unknown-token check reads captions / answers
+    # text records are checked as they load (ptscale.data.text); the unknown-token check reads captions / answers
+    if cfg.name == "text":
         from ptscale.data.text import load_text_split
 
         train, _ = load_text_split(cfg, collator, "train")

@@ -247,8 +247,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def check_checkpoint_dir(path: Path) -> None:
-    """``model.path`` before anything is built: a BLIP-2 checkpoint directory with readable weights."""
-    from ptscale.errors import DataError, RecipeError
+    """``model.path`` before anything is built: a checkpoint directory of a supported type with readable weights."""
+    from ptscale.errors import RecipeError
 
     if not path.is_dir():
         raise RecipeError(f"model.path {path}: no such directory; point it at a local HF BLIP-2 checkpoint "
