@@ -369,7 +369,7 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
                 raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {known}")
         stage.train = expand_groups(stage.train, {"full": family.full})
         if missing := [g for g in stage.train if g not in family.groups]:
-            raise RecipeError(f"{key}.train: a {family.name} model has no {', '.join(map(repr, missing))} parameters; "
+            raise RecipeError(f"{key}.train: the {family.name} model has no {', '.join(map(repr, missing))} parameters; "
                               f"its groups: {', '.join(family.groups)} (and full = {' + '.join(family.full)})")
         if cfg.model.quantization != "none" and (frozen := set(stage.train) & set(QUANTIZED_GROUPS)):
             raise RecipeError(f"{key}.train: trains {', '.join(sorted(frozen))}, whose Linear weights are stored "
@@ -379,9 +379,6 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
             raise RecipeError(f"{key}.train: trains 'prefix' but every prefix.lengths is 0")
         if "lora" in stage.train and not has_lora:
             raise RecipeError(f"{key}.train: trains 'lora' but lora.targets is empty")
-        if "adapter" in stage.train and family.is_language_model:
-            raise RecipeError(f"{key}.train: adapters wrap BLIP-2's towers only; on a {family.name} language model "
-                              "train prefix, lora or full")
         if "adapter" in stage.train and cfg.adapter is None:
             raise RecipeError(f"{key}.train: trains 'adapter' but the recipe has no adapter section "
                               "(e.g. adapter: {kind: sequential, components: [qformer], budget: 12288})")
@@ -412,10 +409,10 @@ def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
     family = FAMILIES[resolve_family(m.family, m.path, preset_family)]
     m.family = family.name
     if family.is_language_model:
-        if not _set_under(explicit, "prefix.lengths") and cfg.prefix.lengths == PrefixConfig().lengths:
-            cfg.prefix.lengths = dict(family.prefix_lengths)
-        if not _set_under(explicit, "lora.targets") and cfg.lora.targets == LoraConfig().targets:
-            cfg.lora.targets = {k: list(v) for k, v in family.lora_targets.items()}
+        cfg.prefix.lengths = _family_mapping(cfg.prefix.lengths, PrefixConfig().lengths, family.prefix_lengths,
+                                             "prefix.lengths", explicit)
+        cfg.lora.targets = _family_mapping(cfg.lora.targets, LoraConfig().targets, family.lora_targets,
+                                           "lora.targets", explicit)
         if cfg.data.name != "text":
             raise RecipeError(f"data.name: {cfg.data.name} is image data, but model.family {family.name} is a language "
                               "model; set data.name: text with data.train_file (README 'Language models')")
@@ -426,6 +423,17 @@ def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
         raise RecipeError(f"data.name: text trains a language model, but the model is {family.name}; set model.path to "
                           "a language-model checkpoint (opt, llama, qwen2, t5)")
     return family
+
+
+def _family_mapping(value: dict, blip2: dict, family: dict, key: str, explicit: set[str] | frozenset[str]) -> dict:
+    """A mapping-valued setting (prefix.lengths, lora.targets) for a language model: the family's default where
+    the user set nothing; else what the user set, without the BLIP-2 default entries an override kept
+    (``lora.targets.language_model=[k_proj]`` alone means no Q-Former entry)."""
+    if not _set_under(explicit, key) and value == blip2:
+        return {k: v if isinstance(v, int) else list(v) for k, v in family.items()}
+    if key in explicit:  # given whole (a recipe file's mapping replaces the default)
+        return value
+    return {k: v for k, v in value.items() if f"{key}.{k}" in explicit or blip2.get(k) != v}
 
 
 def _positive(value: float, key: str, *, zero_ok: bool = False) -> None:

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from ptscale.data.text_collate import IGNORE, make_text_collator
+
+__all__ = ["IGNORE", "CaptionCollator", "make_collator"]
 
 
 @dataclass
@@ -71,8 +73,6 @@ def make_collator(model_parts, data_cfg):
     :class:`ptscale.data.text_collate.TextCollator`."""
     kind = getattr(model_parts, "kind", "vision-language")
     if kind != "vision-language":
-        from ptscale.data.text_collate import make_text_collator
-
         return make_text_collator(model_parts.tokenizer, data_cfg, seq2seq=kind == "seq2seq-lm")
     return CaptionCollator(model_parts.image_processor, model_parts.tokenizer, model_parts.num_query_tokens,
                            model_parts.image_token_id, prompt=data_cfg.prompt, max_text_len=data_cfg.max_text_len)

@@ -59,12 +59,23 @@ def read_table(path: str | Path, split: str, key: str) -> datasets.Dataset:
         if reader is None:
             raise DataError(f"data.{key}: {path} has suffix {path.suffix!r}; give a {', '.join(READERS)} file or a "
                             "datasets save_to_disk directory")
+        if _blank(path):  # datasets cannot infer a schema from nothing: an empty split, said as such
+            raise EmptySplitError(split, path, "it holds no records (the file is empty)")
         with tempfile.TemporaryDirectory(prefix="ptscale-text-") as cache:
             try:
                 return getattr(datasets.Dataset, f"from_{reader}")(str(path), cache_dir=cache, keep_in_memory=True)
             except Exception as e:  # noqa: BLE001 -- pyarrow / datasets raise many types for a malformed file
                 raise DataError(f"data.{key}: {path} cannot be read as {reader} ({_root_cause(e)}); fix the file "
                                 "(JSONL: one JSON object per line)") from None
+
+
+def _blank(path: Path) -> bool:
+    """Only whitespace (read until the first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _saved_split(path: Path, split: str, key: str) -> datasets.Dataset:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ptscale.data.collate import IGNORE
-
 log = logging.getLogger(__name__)
+
+IGNORE = -100  # the label of a token outside the loss (cross_entropy's ignore_index), for every collator
 
 
 @dataclass

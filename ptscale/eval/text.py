@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from ptscale.config import EvalConfig
 from ptscale.console import progress
-from ptscale.data.collate import IGNORE
-from ptscale.data.text_collate import TextCollator
+from ptscale.data.text_collate import IGNORE, TextCollator
 from ptscale.eval.generate import shard
 
 TEXT_METRICS = ("loss", "perplexity", "exact_match")
