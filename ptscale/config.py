@@ -369,8 +369,8 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
                 raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {known}")
         stage.train = expand_groups(stage.train, {"full": family.full})
         if missing := [g for g in stage.train if g not in family.groups]:
-            raise RecipeError(f"{key}.train: the {family.name} model has no {', '.join(map(repr, missing))} parameters; "
-                              f"its groups: {', '.join(family.groups)} (and full = {' + '.join(family.full)})")
+            raise RecipeError(f"{key}.train: the {family.name} model has no {', '.join(map(repr, missing))} "
+                              f"parameters; its groups: {', '.join(family.groups)} (and full = {' + '.join(family.full)})")
         if cfg.model.quantization != "none" and (frozen := set(stage.train) & set(QUANTIZED_GROUPS)):
             raise RecipeError(f"{key}.train: trains {', '.join(sorted(frozen))}, whose Linear weights are stored "
                               f"quantized (model.quantization={cfg.model.quantization}) and cannot train; train "
@@ -433,7 +433,8 @@ def _family_mapping(value: dict, blip2: dict, family: dict, key: str, explicit: 
         return {k: v if isinstance(v, int) else list(v) for k, v in family.items()}
     if key in explicit:  # given whole (a recipe file's mapping replaces the default)
         return value
-    return {k: v for k, v in value.items() if f"{key}.{k}" in explicit or blip2.get(k) != v}
+    towers = ("qformer", "vision")  # BLIP-2's own components: a language model has none
+    return {k: v for k, v in value.items() if k not in towers or f"{key}.{k}" in explicit}
 
 
 def _positive(value: float, key: str, *, zero_ok: bool = False) -> None:

@@ -114,7 +114,8 @@ def test_batches_put_the_loss_on_the_completion_only():
     row = batch["labels"][1].tolist()  # right padding: outside the loss
     assert row[-1] == IGNORE and batch["attention_mask"][1].tolist()[-1] == 0
     gen = c.generation_batch(records)  # left padding: every prompt ends at the last column
-    assert gen["attention_mask"][1].tolist()[0] == 0 and gen["input_ids"][1, -1].item() == TOK.convert_tokens_to_ids("->")
+    assert gen["attention_mask"][1].tolist()[0] == 0
+    assert gen["input_ids"][1, -1].item() == TOK.convert_tokens_to_ids("->")
     plain = c.train_batch([{"id": "0", "text": "w1 w2"}])
     assert plain["labels"][0].tolist() == [IGNORE] + plain["input_ids"][0].tolist()[1:]  # all but BOS
 
