@@ -55,11 +55,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "coco", "flickr30k", "vqav2", "text"] = _doc("synthetic", (
+    name: Literal["synthetic", "coco", "flickr30k", "vqav2", "text", "synthetic-text"] = _doc("synthetic", (
         "the dataset (README 'Data'); text: local text files (data.train_file / data.eval_file) for a language "
-        "model"))
-    task: str = _doc("downstream", "synthetic only: pretrain (the broad distribution) or downstream (the "
-                     "adaptation task)")
+        "model; synthetic-text: the text default's built-in tasks (README 'The text default')"))
+    task: str = _doc("downstream", "synthetic / synthetic-text only: pretrain (the broad distribution) or "
+                     "downstream (the adaptation task)")
     train_size: int = _doc(1024, "synthetic: the training split's size; real datasets: a cap on the examples "
                            "used (the first N; 0 = all)")
     eval_size: int = _doc(64, "synthetic: the evaluation split's size; real datasets: a cap (the first N; 0 = all)")
@@ -370,7 +370,8 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         stage.train = expand_groups(stage.train, {"full": family.full})
         if missing := [g for g in stage.train if g not in family.groups]:
             raise RecipeError(f"{key}.train: the {family.name} model has no {', '.join(map(repr, missing))} "
-                              f"parameters; its groups: {', '.join(family.groups)} (and full = {' + '.join(family.full)})")
+                              f"parameters; its groups: {', '.join(family.groups)} "
+                              f"(and full = {' + '.join(family.full)})")
         if cfg.model.quantization != "none" and (frozen := set(stage.train) & set(QUANTIZED_GROUPS)):
             raise RecipeError(f"{key}.train: trains {', '.join(sorted(frozen))}, whose Linear weights are stored "
                               f"quantized (model.quantization={cfg.model.quantization}) and cannot train; train "
@@ -385,11 +386,6 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         _check_stage(stage, key)
     _drop_unused(cfg, explicit)
     _check_run(cfg)
-    from ptscale.models.presets import PRESETS
-
-    if cfg.model.preset not in PRESETS:
-        raise RecipeError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)} "
-                          "(`ptscale ls presets`)")
     _validate_quantization(cfg)
     _validate_data(cfg.data)
     if cfg.eval.num_beams < 1:
@@ -405,24 +401,35 @@ def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
     from ptscale.models.families import FAMILIES, resolve_family
 
     m = cfg.model
-    preset_family = "blip2"  # every preset is a BLIP-2 geometry
-    family = FAMILIES[resolve_family(m.family, m.path, preset_family)]
+    from ptscale.models.presets import PRESETS, TEXT_PRESETS, preset_family
+
+    if m.preset not in PRESETS and m.preset not in TEXT_PRESETS:
+        known = ", ".join([*PRESETS, *TEXT_PRESETS])
+        raise RecipeError(f"model.preset: unknown preset {m.preset!r}; known: {known} (`ptscale ls presets`)")
+    family = FAMILIES[resolve_family(m.family, m.path, preset_family(m.preset))]
     m.family = family.name
     if family.is_language_model:
         cfg.prefix.lengths = _family_mapping(cfg.prefix.lengths, PrefixConfig().lengths, family.prefix_lengths,
                                              "prefix.lengths", explicit)
         cfg.lora.targets = _family_mapping(cfg.lora.targets, LoraConfig().targets, family.lora_targets,
                                            "lora.targets", explicit)
-        if cfg.data.name != "text":
+        if cfg.data.name not in TEXT_DATA:
             raise RecipeError(f"data.name: {cfg.data.name} is image data, but model.family {family.name} is a language "
                               "model; set data.name: text with data.train_file (README 'Language models')")
-        if cfg.model.path is None:
+        if m.path is None and m.preset not in TEXT_PRESETS:
             raise RecipeError(f"model.family {family.name}: needs a checkpoint; set model.path to a local "
-                              f"{family.model_type} checkpoint directory")
-    elif cfg.data.name == "text":
+                              f"{family.model_type} checkpoint directory (or use the text default, "
+                              "ptscale/recipes/text-default.yaml)")
+        if m.path is None and m.pretrain_steps == 0:
+            raise RecipeError(f"model.pretrain_steps: 0 (random weights) is for BLIP-2 geometries; the text preset "
+                              f"{m.preset} is pre-trained (> 0 steps) or loaded from model.path")
+    elif cfg.data.name in TEXT_DATA:
         raise RecipeError(f"data.name: text trains a language model, but the model is {family.name}; set model.path to "
                           "a language-model checkpoint (opt, llama, qwen2, t5)")
     return family
+
+
+TEXT_DATA = ("text", "synthetic-text")  # what a language model trains on
 
 
 def _family_mapping(value: dict, blip2: dict, family: dict, key: str, explicit: set[str] | frozenset[str]) -> dict:
@@ -551,6 +558,15 @@ def _validate_data(d: DataConfig) -> None:
         raise RecipeError("data.train_size / data.eval_size: caps must be >= 0 (0 = the whole split)")
     if d.name == "text":
         _validate_text_data(d)
+        return
+    if d.name == "synthetic-text":
+        from ptscale.data.synthetic_text import TEXT_TASKS
+
+        if d.task not in TEXT_TASKS:
+            raise RecipeError(f"data.task: unknown synthetic-text task {d.task!r}; known: {', '.join(TEXT_TASKS)}")
+        if d.train_size <= 0 or d.eval_size <= 0:
+            raise RecipeError("data.train_size / data.eval_size: must be > 0 (an empty split cannot train or "
+                              "evaluate)")
         return
     if d.name in ("coco", "flickr30k"):
         for key in ("train_split", "eval_split"):

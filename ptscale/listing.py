@@ -168,9 +168,13 @@ def _table(rows: list[list[str]], indent: str = "  ") -> str:
 
 
 def show_presets() -> str:
-    from ptscale.models.presets import PRESETS
+    from ptscale.models.presets import PRESETS, TEXT_PRESETS
 
     rows = [[name + (" (default)" if name == DEFAULT_PRESET else ""), preset_summary(name)] for name in PRESETS]
+    for name, c in TEXT_PRESETS.items():  # language models (the text default: ptscale/recipes/text-default.yaml)
+        rows.append([name, f"LM {c['model_type'].upper()} {c['num_hidden_layers']}x{c['hidden_size']}, "
+                           f"{c['num_attention_heads']} query / {c['num_key_value_heads']} KV heads; pre-trained once "
+                           "and cached (the text default)"])
     return "presets (model.preset):\n" + _table(rows)
 
 

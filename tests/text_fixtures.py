@@ -8,7 +8,14 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from ptscale.models.tokenizer import word_tokenizer
 
@@ -27,6 +34,10 @@ def save_lm(family: str, path: Path, seed: int = 0) -> Path:
     elif family == "llama":  # grouped-query attention: 4 query heads share 2 KV heads; RoPE positions
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), intermediate_size=64, num_key_value_heads=2,
                                              **_COMMON))
+    elif family == "t5":
+        model = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                    num_heads=4, dropout_rate=0.0, pad_token_id=1, eos_token_id=2,
+                                                    decoder_start_token_id=1))
     else:
         raise ValueError(family)
     model.save_pretrained(path)

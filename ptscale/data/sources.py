@@ -44,6 +44,12 @@ def load_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
         train, _ = load_text_split(cfg, collator, "train")
         evals, _ = load_text_split(cfg, collator, "eval")
         return Splits("text", train, evals)
+    if cfg.name == "synthetic-text":
+        from ptscale.data.synthetic_text import make_text_split
+        from ptscale.data.text import check_records
+
+        return Splits("text", *(check_records(cfg, collator, make_text_split(cfg.task, size, cfg.seed, split), split)
+                                for split, size in (("train", cfg.train_size), ("eval", cfg.eval_size))))
     splits = _load(cfg, collator)
     check_vocabulary(cfg.name, collator.tokenizer, {"training": splits.train, "eval": splits.eval})
     return splits

@@ -21,7 +21,7 @@ import datasets
 from ptscale.config import DataConfig
 from ptscale.data.bad_data import BadDataReport, BadRecord, EmptySplitError, reject
 from ptscale.data.text_collate import TextCollator
-from ptscale.errors import DataError
+from ptscale.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +151,13 @@ def _record(row: dict, columns: tuple[str, ...], index: int, collator: TextColla
     if (n := collator.length(record)) > cfg.max_text_len:
         raise BadRecord(path, str(index), "too_long", f"{n} tokens", where)
     return record
+
+
+def check_records(cfg: DataConfig, collator: TextCollator, records: list[dict], split: str) -> list[dict]:
+    """Built-in records (synthetic-text) under the same length limit as a file's: an over-long one is an error
+    (they are generated, so the fix is data.max_text_len)."""
+    for r in records:
+        if (n := collator.length(r)) > cfg.max_text_len:
+            raise RecipeError(f"data.max_text_len: {cfg.max_text_len}, but synthetic-text {split} record {r['id']} "
+                              f"has {n} tokens; raise it")
+    return records

@@ -18,7 +18,8 @@ from ptscale.eval.generate import generate_captions
 PER_IMAGE_HEADLINE = ("Bleu_4", "CIDEr")
 
 # What identifies the evaluated data, per source, beside name/split/size/prompt (enough to rebuild it).
-_SOURCE_KEYS = {"synthetic": ("task", "seed"), "coco": ("karpathy_json", "image_root", "eval_split"),
+_SOURCE_KEYS = {"synthetic": ("task", "seed"), "synthetic-text": ("task", "seed", "max_text_len"),
+                "coco": ("karpathy_json", "image_root", "eval_split"),
                 "flickr30k": ("karpathy_json", "image_root", "eval_split"),
                 "vqav2": ("vqa_eval_questions", "vqa_eval_annotations", "image_root"),
                 "text": ("eval_file", "train_file", "eval_split", "prompt_column", "completion_column", "text_column",

@@ -35,6 +35,11 @@ class Backbone:
     tokenizer: object
     image_processor: object
     path: Path
+    family: str = "blip2"  # ptscale.models.families
+
+    @property
+    def kind(self) -> str:
+        return family_kind(self.family)
 
     @property
     def image_token_id(self) -> int:
@@ -45,14 +50,21 @@ class Backbone:
         return self.model.config.num_query_tokens
 
 
+def family_kind(family: str) -> str:
+    """vision-language, causal-lm or seq2seq-lm: what a family's data and evaluation are."""
+    from ptscale.models.families import FAMILIES
+
+    return FAMILIES[family].kind
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PTSCALE_CACHE", Path.home() / ".cache" / "ptscale"))
 
 
 def default_backbone_dir(cfg: ModelConfig) -> Path:
-    from ptscale.models.presets import PRESETS
+    from ptscale.models.presets import preset_spec
 
-    key = json.dumps({"preset": PRESETS[cfg.preset], "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
+    key = json.dumps({"preset": preset_spec(cfg.preset), "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
                      sort_keys=True)
     return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -125,7 +137,8 @@ def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
+        if image_processor is not None:  # a language model has none
+            image_processor.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"preset": cfg.preset, "steps": cfg.pretrain_steps,
                                               "sha256": _sha256(tmp / "model.safetensors")}))
         if directory.exists():
@@ -202,7 +215,7 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
             _keep_cpu_4bit_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if family != "blip2":  # a language model: no images
-        return Backbone(model, tokenizer, None, path)
+        return Backbone(model, tokenizer, None, path, family)
     image_processor = AutoImageProcessor.from_pretrained(path)
     if getattr(model.config, "image_token_id", None) is None:
         raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
@@ -226,10 +239,7 @@ class BackboneSource:
 
     @property
     def kind(self) -> str:
-        """vision-language, causal-lm or seq2seq-lm: what the data and the evaluation are."""
-        from ptscale.models.families import FAMILIES
-
-        return FAMILIES[self.family].kind
+        return family_kind(self.family)
 
     @property
     def image_token_id(self) -> int:
@@ -294,6 +304,15 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     from ptscale.models.presets import uses_random_weights
 
     if not build and not cfg.path and not uses_random_weights(cfg) and not is_complete(default_backbone_dir(cfg)):
+        from ptscale.models.presets import TEXT_PRESETS
+
+        if cfg.preset in TEXT_PRESETS:
+            from ptscale.models.pretrain_text import new_text_model
+
+            with torch.device("meta"):
+                model, tokenizer = new_text_model(cfg.preset)
+            return BackboneSource(None, model.config, tokenizer, None, {
+                "source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""}, family=cfg.family)
         from ptscale.models.pretrain import new_tiny_model
 
         with torch.device("meta"):

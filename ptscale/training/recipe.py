@@ -171,7 +171,7 @@ class PTPEFTRecipe:
         cfg = self.cfg
         stages = " -> ".join(f"{stage_name(s, i)} ({s.steps} steps)" if s.steps else
                              f"{stage_name(s, i)} ({s.epochs:g} ep)" for i, s in enumerate(cfg.stages))
-        data = f"{cfg.data.name}/{cfg.data.task}" if cfg.data.name == "synthetic" else cfg.data.name
+        data = f"{cfg.data.name}/{cfg.data.task}" if cfg.data.name.startswith("synthetic") else cfg.data.name
         head = "dry run OK (nothing written): " if dry_run else ""
         return (f"{head}{self.source.identity['source']}, plan {cfg.plan or 'explicit stages'}: {stages}; data "
                 f"{data} {len(self.train_records)} train / {len(self.eval_records)} eval; "
@@ -504,9 +504,9 @@ class PTPEFTRecipe:
 
     def _eval_settings(self) -> dict:
         d, e = self.cfg.data, self.cfg.eval
-        split = {"synthetic": "eval", "vqav2": Path(d.vqa_eval_questions or "").name,
+        split = {"synthetic": "eval", "synthetic-text": "eval", "vqav2": Path(d.vqa_eval_questions or "").name,
                  "text": Path(d.eval_file).name if d.eval_file else d.eval_split}.get(d.name, d.eval_split)
-        return {"data": d.name, "task": d.task if d.name == "synthetic" else self.splits.task,
+        return {"data": d.name, "task": d.task if d.name.startswith("synthetic") else self.splits.task,
                 "split": split, "size": len(self.eval_records),
                 "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens}
 
