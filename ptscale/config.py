@@ -399,14 +399,16 @@ def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
     for what the user did not set: prefixes in the language model only, LoRA on its q / v projections
     (``ptscale.models.families``). Text data and language models go together."""
     from ptscale.models.families import FAMILIES, resolve_family
-
-    m = cfg.model
     from ptscale.models.presets import PRESETS, TEXT_PRESETS, preset_family
 
+    m = cfg.model
     if m.preset not in PRESETS and m.preset not in TEXT_PRESETS:
         known = ", ".join([*PRESETS, *TEXT_PRESETS])
         raise RecipeError(f"model.preset: unknown preset {m.preset!r}; known: {known} (`ptscale ls presets`)")
     family = FAMILIES[resolve_family(m.family, m.path, preset_family(m.preset))]
+    if m.path is None and family.name != preset_family(m.preset):
+        raise RecipeError(f"model.family={family.name}, but preset {m.preset} is a {preset_family(m.preset)} model "
+                          f"and there is no model.path; set model.path to a {family.model_type} checkpoint")
     m.family = family.name
     if family.is_language_model:
         cfg.prefix.lengths = _family_mapping(cfg.prefix.lengths, PrefixConfig().lengths, family.prefix_lengths,
@@ -416,10 +418,6 @@ def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
         if cfg.data.name not in TEXT_DATA:
             raise RecipeError(f"data.name: {cfg.data.name} is image data, but model.family {family.name} is a language "
                               "model; set data.name: text with data.train_file (README 'Language models')")
-        if m.path is None and m.preset not in TEXT_PRESETS:
-            raise RecipeError(f"model.family {family.name}: needs a checkpoint; set model.path to a local "
-                              f"{family.model_type} checkpoint directory (or use the text default, "
-                              "ptscale/recipes/text-default.yaml)")
         if m.path is None and m.pretrain_steps == 0:
             raise RecipeError(f"model.pretrain_steps: 0 (random weights) is for BLIP-2 geometries; the text preset "
                               f"{m.preset} is pre-trained (> 0 steps) or loaded from model.path")

@@ -95,36 +95,49 @@ def meta_model(preset: str | None, path: str | None) -> Any:
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     from ptscale.config import PrefixConfig
-    from ptscale.models.presets import PRESETS, blip2_config
+    from ptscale.models.presets import blip2_config
     from ptscale.prefix.model import PrefixTunedModel
 
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise RecipeError(f"--path {path}: no config.json (a HF checkpoint directory)")
+    family = _family(preset, path)
+    if family.is_language_model:
+        with torch.device("meta"):
+            return PrefixTunedModel(_meta_language_model(family.name, preset, path),
+                                    PrefixConfig(lengths=dict(family.prefix_lengths)))
     if path is not None:
-        if not (Path(path) / "config.json").is_file():
-            raise RecipeError(f"--path {path}: no config.json (a HF checkpoint directory)")
-        family = _family(path)
-        if family.is_language_model:
-            from transformers import AutoConfig
-
-            from ptscale.models.backbone import new_model
-
-            with torch.device("meta"):
-                base = new_model(family.name, AutoConfig.from_pretrained(path))
-                return PrefixTunedModel(base, PrefixConfig(lengths=dict(family.prefix_lengths)))
         config = Blip2Config.from_pretrained(path)
     else:
         preset = preset or DEFAULT_PRESET
-        if preset not in PRESETS:
-            raise RecipeError(f"--model {preset}: unknown preset; known: {', '.join(PRESETS)}")
         config = blip2_config(preset, vocab_size=_vocab_size(preset))
     with torch.device("meta"):
         return PrefixTunedModel(Blip2ForConditionalGeneration(config), PrefixConfig())
 
 
-def _family(path: str | None):
-    """The model family of ``--path`` (detected from its config.json; BLIP-2 for a preset)."""
-    from ptscale.models.families import FAMILIES, family_of_checkpoint
+def _meta_language_model(family: str, preset: str | None, path: str | None) -> Any:
+    """A language model from a checkpoint's config, or the text preset's geometry (its word vocabulary)."""
+    if path is not None:
+        from transformers import AutoConfig
 
-    return FAMILIES[(family_of_checkpoint(path) if path else None) or "blip2"]
+        from ptscale.models.backbone import new_model
+
+        return new_model(family, AutoConfig.from_pretrained(path))
+    from ptscale.models.pretrain_text import new_text_model
+
+    return new_text_model(preset)[0]
+
+
+def _family(preset: str | None, path: str | None):
+    """The model family of ``--path`` (detected from its config.json), else of the preset."""
+    from ptscale.models.families import FAMILIES, family_of_checkpoint
+    from ptscale.models.presets import PRESETS, TEXT_PRESETS, preset_family
+
+    if path is not None:
+        return FAMILIES[family_of_checkpoint(path) or "blip2"]
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS and preset not in TEXT_PRESETS:
+        raise RecipeError(f"--model {preset}: unknown preset; known: {', '.join([*PRESETS, *TEXT_PRESETS])}")
+    return FAMILIES[preset_family(preset)]
 
 
 def group_sizes(preset: str | None, path: str | None) -> dict[str, int]:
@@ -134,7 +147,7 @@ def group_sizes(preset: str | None, path: str | None) -> dict[str, int]:
     from ptscale.tuners.lora import inject_lora
 
     model = meta_model(preset, path)
-    family = _family(path)
+    family = _family(preset, path)
     inject_lora(model, LoraConfig(targets=family.lora_targets) if family.is_language_model else LoraConfig())
     return sizes(model)
 
@@ -189,7 +202,7 @@ def show_groups(preset: str | None, path: str | None) -> str:
 
     sizes = group_sizes(preset, path)
     total = sum(sizes.values())
-    family = _family(path)
+    family = _family(preset, path)
     groups = [g for g in GROUPS if g in family.groups]
     rows = [[g, f"{sizes[g]:,}", f"{100 * sizes[g] / total:.2f}%"] for g in groups]
     rows = [[g, "set by adapter.bottleneck / adapter.budget", ""] if g == "adapter" else r
@@ -207,7 +220,7 @@ def show_targets(preset: str | None, path: str | None) -> str:
     from ptscale.config import LoraConfig
     from ptscale.models.families import FAMILIES
 
-    family = _family(path)
+    family = _family(preset, path)
     defaults = family.lora_targets if family.is_language_model else LoraConfig().targets
     lines = [f"LoRA targets (lora.targets.<component>: [names]) of {path or preset or DEFAULT_PRESET}; a name "
              "matches module paths ending in it, * = default:"]

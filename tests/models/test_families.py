@@ -92,3 +92,12 @@ def test_standalone_lm_parameter_groups(lm_dirs, family):
                           if family == "opt" else {"base.model.embed_tokens.weight"})
     # OPT ties its LM head to the word embeddings (one parameter); the tiny Llama does not
     assert (sizes["lm_head"] > 0) == (family == "llama")
+
+
+def test_text_default_preset_is_a_llama_and_a_family_must_fit_it():
+    cfg = load_recipe("ptscale/recipes/text-default.yaml")
+    assert (cfg.model.family, cfg.data.name, cfg.prefix.lengths) == ("llama", "synthetic-text", {"language_model": 8})
+    with pytest.raises(RecipeError, match="model.family=opt, but preset tiny-llama-text is a llama model"):
+        load_recipe("ptscale/recipes/text-default.yaml", ["model.family=opt"])
+    with pytest.raises(RecipeError, match="model.pretrain_steps: 0"):
+        load_recipe("ptscale/recipes/text-default.yaml", ["model.pretrain_steps=0"])

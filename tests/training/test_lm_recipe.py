@@ -100,3 +100,41 @@ def test_killed_llama_run_resumes_to_the_uninterrupted_weights(tmp_path, lm_dirs
     final = "stage-2-prefix+lora/trainable.safetensors"
     assert max_diff(load_file(tmp_path / "killed" / final), load_file(tmp_path / "reference" / final)) <= 1e-6
     assert "resuming from" in (tmp_path / "killed.log").read_text()
+
+
+@pytest.mark.slow
+def test_t5_encoder_decoder_one_rank(tmp_path):
+    """An encoder-decoder language model (T5): prompt into the encoder, the completion decoded; Prefix-Tuning+
+    in both stacks' self-attention, LoRA on q / v."""
+    from tests.text_fixtures import save_lm, write_jsonl
+
+    path = save_lm("t5", tmp_path / "t5")
+    train = write_jsonl(tmp_path / "train.jsonl", reverse_records(32, 0))
+    evals = write_jsonl(tmp_path / "eval.jsonl", reverse_records(8, 1))
+    proc = cli(TRAIN, f"model.path={path}", "data.name=text", f"data.train_file={train}", f"data.eval_file={evals}",
+               *SHORT, "plan=prefix->lora", "prefix.kind=plus", f"output_dir={tmp_path}", "run_name=run",
+               timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert changed_groups(run / "stage-1-prefix") == {"prefix"}
+    assert changed_groups(run / "stage-2-prefix+lora") == {"prefix", "lora"}
+    final = json.loads((run / "results.json").read_text())["evaluations"][-1]["metrics"]
+    assert set(final) == {"loss", "perplexity", "exact_match"}
+
+
+def test_text_default_dry_run_describes_it_without_pre_training(tmp_path):
+    """The shipped text default, its backbone not cached yet: checked on the meta device, nothing pre-trained."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.launch import ROOT, user_env
+
+    env = user_env() | {"PTSCALE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, TRAIN, "--recipe", "ptscale/recipes/text-default.yaml", "--dry-run",
+                           f"output_dir={tmp_path / 'runs'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dry run OK" in proc.stdout and "embedded default tiny-llama-text (not pre-trained yet)" in proc.stdout
+    assert "data synthetic-text/downstream 1024 train / 128 eval" in proc.stdout
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "runs")
