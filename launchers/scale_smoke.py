@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 launchers/scale_smoke.py                      # blip2-opt-2.7b, bf16
     deepspeed --num_gpus 2 launchers/scale_smoke.py --preset tiny-blip2-opt --report /tmp/smoke.txt
 
-The preset gets random weights under zero.Init (ptscale.models.sharded.build_sharded_backbone), is wrapped
+The preset gets random weights under zero.Init (ptscale.training.sharded.build_sharded_backbone), is wrapped
 in PrefixTunedModel (8 prefixes in the Q-Former, 8 in OPT) with LoRA on the Q-Former's query/key/value,
 and trains ONE step of ``prefix`` and one of ``prefix+lora`` (batch size 1 per rank, one short synthetic
 caption, images resized to the preset's resolution), one DeepSpeed engine per stage as in the recipe.
@@ -29,9 +29,9 @@ from ptscale.data.collate import CaptionCollator
 from ptscale.data.synthetic import make_split
 from ptscale.models.groups import group_of, set_trainable
 from ptscale.models.memory import gib, memory_report, reset_peaks, return_freed_memory_promptly
-from ptscale.models.sharded import build_sharded_backbone, cast_added_parameters
 from ptscale.prefix.model import PrefixTunedModel
 from ptscale.training import engine as ds
+from ptscale.training.sharded import build_sharded_backbone, cast_added_parameters
 from ptscale.tuners.lora import inject_lora
 
 ROOT = Path(__file__).resolve().parents[1]

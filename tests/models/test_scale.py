@@ -13,8 +13,8 @@ import pytest
 
 from ptscale.config import LoraConfig, PrefixConfig
 from ptscale.models.memory_plan import ZeroBuffers, count_parameters, plan_rank
-from ptscale.models.sharded import check_zero3_config
 from ptscale.training.engine import free_port
+from ptscale.training.sharded import check_zero3_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ import gc, json
 import deepspeed, torch
 from transformers.integrations import is_deepspeed_zero3_enabled
 from ptscale.config import LoraConfig, PrefixConfig, StageConfig
-from ptscale.models.sharded import build_sharded_backbone, cast_added_parameters
+from ptscale.training.sharded import build_sharded_backbone, cast_added_parameters
 from ptscale.prefix.model import PrefixTunedModel
 from ptscale.tuners.lora import inject_lora
 from ptscale.training import engine as ds
@@ -36,7 +36,7 @@ cfg = ds.resolve_ds_config(ds.load_ds_template("ds_configs/zero3.json"), stage, 
 # model.path under ZeRO-3: a saved checkpoint loads into the partitions, every value intact.
 import tempfile
 from ptscale.models.pretrain import new_tiny_model, tiny_processor
-from ptscale.models.sharded import load_sharded_backbone
+from ptscale.training.sharded import load_sharded_backbone
 ref, tok = new_tiny_model("tiny-blip2-opt", seed=0)  # plain construction, before any HfDeepSpeedConfig
 ckpt = tempfile.mkdtemp()
 ref.save_pretrained(ckpt), tok.save_pretrained(ckpt), tiny_processor().save_pretrained(ckpt)
@@ -264,7 +264,7 @@ def test_shipped_deepspeed_configs_give_the_expected_zero_settings():
 def test_cast_leaves_a_model_not_built_sharded_to_the_engine():
     import torch
 
-    from ptscale.models.sharded import cast_added_parameters
+    from ptscale.training.sharded import cast_added_parameters
 
     layer = torch.nn.Linear(4, 4)
     assert cast_added_parameters(layer, "bf16") == 0 and layer.weight.dtype == torch.float32
