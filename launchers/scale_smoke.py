@@ -24,8 +24,8 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from ptscale.config import LoraConfig, PrefixConfig, StageConfig
-from ptscale.data.collate import CaptionCollator
+from ptscale.config import DataConfig, LoraConfig, PrefixConfig, StageConfig
+from ptscale.data.collate import make_collator
 from ptscale.data.synthetic import make_split
 from ptscale.models.groups import group_of, set_trainable
 from ptscale.models.memory import gib, memory_report, reset_peaks, return_freed_memory_promptly
@@ -117,8 +117,7 @@ def main(argv: list[str]) -> int:
     say(f"construction: {time.time() - t0:.1f} s, {total:,} parameters (prefixes and LoRA included)")
     per_rank("construction")
 
-    collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
-                               backbone.image_token_id, max_text_len=args.max_text_len)
+    collator = make_collator(backbone, DataConfig(max_text_len=args.max_text_len))
     records = make_split("downstream", dist.world_size, seed=0, split="train")
     # A different caption per rank, batch size 1; only the model inputs (the collator adds bookkeeping keys).
     batch = {k: v for k, v in collator.train_batch([records[dist.rank]]).items() if isinstance(v, torch.Tensor)}
