@@ -30,6 +30,7 @@ from ptscale.models.build import build_model, check_buildable
 from ptscale.models.feature_cache import VisionFeatureCache, cache_for_stage
 from ptscale.models.groups import check_stage_changes, group_sizes, set_trainable
 from ptscale.plans import prefixes_active
+from ptscale.prefix.attention import check_backend_setting
 from ptscale.prefix.model import prefix_parameter_report
 from ptscale.rundir import Resume, check_backbone, open_run_dir
 from ptscale.runs import load_trained_weights
@@ -84,6 +85,7 @@ class PTPEFTRecipe:
         """``build_backbone=False`` (dry run): an uncached embedded default is not pre-trained."""
         cfg = self.cfg
         self.dist = ds.init_distributed()
+        check_backend_setting(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.stop = StopRequest()
         self.stop.install()
         seed_everything(cfg.seed)
