@@ -46,3 +46,14 @@ def text_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     return (write_jsonl(root / "train.jsonl", reverse_records(64, 0)),
             write_jsonl(root / "eval.jsonl", reverse_records(16, 1)))
+
+
+# Fixtures that train whole runs in subprocesses (tests/runs_fixture.py): every test using them is end-to-end, so it
+# belongs to the full suite (the README's command), not to the `-m "not slow"` inner loop.
+_END_TO_END_FIXTURES = {"tiny_runs", "analysed_runs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _END_TO_END_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
