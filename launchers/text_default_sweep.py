@@ -2,7 +2,7 @@
 Prefix-Tuning+->LoRA on the tiny pre-trained Llama, at equal budgets (the same number of optimizer steps and
 batch size in all; a two-stage plan splits them evenly), over several seeds, each run launched as a user does.
 
-    python launchers/text_default_sweep.py --out runs/text-sweep --seeds 0 1 2 [--steps 600]
+    python launchers/text_default_sweep.py --out runs/text-sweep --seeds 0 1 2 [--steps 600] [--ds CONFIG]
 
 Writes sweep.json (every run's final metrics and wall time) and sweep.md (mean and spread per method), and
 prints the table. The backbone is pre-trained once (cached) before the first run.
@@ -46,12 +46,12 @@ def recipe(method: str, steps: int, seed: int, out: Path) -> dict:
     return raw
 
 
-def run(method: str, steps: int, seed: int, out: Path) -> dict:
+def run(method: str, steps: int, seed: int, out: Path, ds: str | None = None) -> dict:
     path = out / f"{method.replace('->', '-')}-seed{seed}.yaml"
     path.write_text(yaml.safe_dump(recipe(method, steps, seed, out), sort_keys=False))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "launchers/train.py", "--recipe", str(path), "--quiet"], cwd=ROOT,
-                          capture_output=True, text=True)
+    cmd = [sys.executable, "launchers/train.py", "--recipe", str(path), "--quiet", *(["--ds", ds] if ds else [])]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{path}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     results = json.loads((out / path.stem / "results.json").read_text())
@@ -82,17 +82,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (split across stages)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--ds", default=None, help="DeepSpeed config (default: the launcher's, ZeRO-3)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.time()
     for seed in args.seeds:
         for method in args.methods:
-            rows.append(run(method, args.steps, seed, args.out))
+            rows.append(run(method, args.steps, seed, args.out, args.ds))
             print(f"{method} seed {seed}: exact match {rows[-1]['metrics']['exact_match']:.3f}, "
                   f"{rows[-1]['wall_s']:.0f} s", flush=True)
     text = table(rows)
     record = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "steps": args.steps,
-              "seeds": args.seeds, "wall_s": time.time() - t0, "rows": rows}
+              "seeds": args.seeds, "ds": args.ds or "ds_configs/zero3.json",
+              "command": " ".join([sys.executable, *sys.argv]), "wall_s": time.time() - t0, "rows": rows}
     (args.out / "sweep.json").write_text(json.dumps(record, indent=1))
     (args.out / "sweep.md").write_text(text + "\n")
     print(text)

@@ -17,7 +17,7 @@ from ptscale import listing
 from ptscale.config import load_recipe
 from ptscale.docs import markdown, recipe_keys
 from ptscale.models.groups import GROUP_ALIASES, GROUPS
-from ptscale.models.presets import PRESETS
+from ptscale.models.presets import PRESETS, TEXT_PRESETS
 from ptscale.plans import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_lora_targets_come_from_the_models_linear_modules_and_match_the_default(
 def test_ls_of_an_unknown_model_is_one_line():
     proc = run_cli("ls", "groups", "--model", "nope")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"ptscale: error: --model nope: unknown preset; known: {', '.join(PRESETS)}"]
+        f"ptscale: error: --model nope: unknown preset; known: {', '.join([*PRESETS, *TEXT_PRESETS])}"]
 
 
 # --- shipped recipes and cp ---------------------------------------------------------------------------------------
@@ -160,3 +160,12 @@ def test_bare_ptscale_prints_help_and_version_is_known():
 def test_verbose_and_quiet_exclude_each_other():
     proc = run_cli("config", "-v", "-q")
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+def test_ls_of_language_models():
+    """A language-model checkpoint's groups (full = the language model) and default LoRA targets (q / v)."""
+    groups = run_cli("ls", "groups", "--model", "tiny-llama-text")
+    assert groups.returncode == 0, groups.stderr
+    assert "qformer" not in groups.stdout and "= language_model" in groups.stdout
+    targets = run_cli("ls", "targets")
+    assert "llama lora.targets.language_model: q_proj v_proj" in targets.stdout
