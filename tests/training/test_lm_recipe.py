@@ -77,6 +77,14 @@ def test_two_rank_zero3_prefix_then_lora(tmp_path, lm_dirs, text_data, family, k
     assert "| evaluated" in out and "perplexity" in out  # the results table, printed at the end
     report = cli("-m", "ptscale.cli", "report", str(run))
     assert report.returncode == 0 and "PPL" in report.stdout, report.stderr
+    again = cli("-m", "ptscale.cli", "eval", str(run), "--out", str(tmp_path / "eval"))  # one rank, whole model
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["metrics"]
+    final = results["evaluations"][-1]["metrics"]
+    # the same weights and records, gathered from 2 ranks vs whole on one: float32 reductions in another order
+    assert metrics["loss"] == pytest.approx(final["loss"], rel=1e-4)
+    # greedy decoding on those logits: a near-tie may flip at most a record or so, never the whole score
+    assert metrics["exact_match"] == pytest.approx(final["exact_match"], abs=1 / 16)
     if kind == "classic":  # the run's model exported and reloaded the documented way
         export = cli("-m", "ptscale.cli", "export", str(run), "--merged", str(tmp_path / "merged"))
         assert export.returncode == 0, export.stderr
