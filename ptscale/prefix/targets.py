@@ -16,11 +16,12 @@ blip               vision, encoder (BlipForQuestionAnswering's text encoder), de
                    decoder), language_model (= text encoder + decoder)
 =================  =============================================================================
 
-A module gets a prefix only if its ``forward`` dispatches through transformers' attention interface
-(``ALL_ATTENTION_FUNCTIONS``) and ``set_attn_implementation`` reaches its config. Anything else raises
-:class:`PrefixHookError` naming the module: a prefix is never silently dropped. In transformers 5.23,
-T5Attention dispatches (with its relative-position bias as ``position_bias``); BLIP's attention
-(``BlipAttention``, ``BlipTextSelfAttention``) does not, so every BLIP target raises.
+A module gets a prefix through one of two mechanisms (``mechanism``): the attention-interface hook
+(``ptscale.prefix.attention``) when its ``forward`` dispatches through transformers' attention interface
+(``ALL_ATTENTION_FUNCTIONS``) and ``set_attn_implementation`` reaches its config (BLIP-2, OPT, Llama, Qwen2,
+T5 in transformers 5.23), or a module wrapper (``ptscale.prefix.wrapper``) for the classes that compute
+attention themselves and have one (BLIP's ``BlipAttention`` and ``BlipTextSelfAttention``). Anything else
+raises :class:`PrefixHookError` naming the module: a prefix is never silently dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ptscale.prefix.config import PREFIX_TARGETS
+from ptscale.prefix.wrapper import WRAPPERS
 
 
 class PrefixHookError(RuntimeError):
@@ -145,13 +147,29 @@ def find_layers(base: nn.Module, target: str) -> Layers:
 
 
 # --- checks and geometry ------------------------------------------------------------------------------
-def check_dispatch(name: str, module: nn.Module) -> None:
-    """Before ``set_attn_implementation``: the module must call the attention interface."""
-    src = inspect.getsource(type(module).forward)
-    if "ALL_ATTENTION_FUNCTIONS" not in src:
-        raise PrefixHookError(
-            f"{name} ({type(module).__name__}) does not dispatch through transformers' attention interface, "
-            "so a prefix cannot be injected there; remove this target from prefix.lengths")
+INTERFACE, WRAPPER = "interface hook", "module wrapper"
+# Model types whose attention takes prefixes through wrappers only: their masks are built for their own
+# (eager) attention, so ``set_attn_implementation`` must leave them alone.
+WRAPPER_ONLY = ("blip",)
+
+
+def mechanism(name: str, module: nn.Module) -> str:
+    """How ``module`` takes its prefix: ``INTERFACE`` (it dispatches through the attention interface) or
+    ``WRAPPER`` (``ptscale.prefix.wrapper`` has a wrapper for its class); else a :class:`PrefixHookError`."""
+    if "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(module).forward):
+        return INTERFACE
+    if type(module) in WRAPPERS:
+        return WRAPPER
+    raise PrefixHookError(
+        f"{name} ({type(module).__name__}) does not dispatch through transformers' attention interface and "
+        "ptscale.prefix.wrapper has no wrapper for it, so a prefix cannot be injected there; remove this target "
+        "from prefix.lengths")
+
+
+def is_causal_layer(base: nn.Module, name: str) -> bool:
+    """Whether a wrapped layer is causal (its own mask says so; this only lets the Triton kernel take it):
+    BLIP's text decoder."""
+    return base.config.model_type == "blip" and name.startswith("text_decoder.")
 
 
 def check_reached(name: str, module: nn.Module, implementation: str) -> None:
@@ -192,7 +210,7 @@ def resolve(base: nn.Module, target: str) -> Target:
     layers = find_layers(base, target)
     shapes = set()
     for name, module in layers:
-        check_dispatch(name, module)
+        mechanism(name, module)
         shapes.add(geometry(name, module))
     if len(shapes) != 1:
         raise PrefixHookError(f"prefix target {target!r}: its layers differ in attention geometry {sorted(shapes)}; "
