@@ -361,10 +361,11 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         _check_stage(stage, key)
     _drop_unused(cfg, explicit)
     _check_run(cfg)
-    from ptscale.models.presets import PRESETS
+    from ptscale.models.presets import BLIP_PRESETS, PRESETS
 
-    if cfg.model.preset not in PRESETS:
-        raise RecipeError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)} "
+    if cfg.model.preset not in PRESETS and cfg.model.preset not in BLIP_PRESETS:
+        raise RecipeError(f"model.preset: unknown preset {cfg.model.preset!r}; known: "
+                          f"{', '.join((*PRESETS, *BLIP_PRESETS))} "
                           "(`ptscale ls presets`)")
     _validate_quantization(cfg)
     _validate_data(cfg.data)

@@ -64,9 +64,17 @@ class CaptionCollator:
         attention_mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
         return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask}
 
+    def generated(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The new tokens of ``generate``'s output (which repeats the prompt first)."""
+        return ids[:, batch["input_ids"].shape[1]:]
+
 
 def make_collator(model_parts, data_cfg) -> CaptionCollator:
     """The collator for a backbone (or its BackboneSource: tokenizer, image processor, query tokens, image
-    token id) and a recipe's data section: the one place it is built."""
+    token id) and a recipe's data section: the one place it is built. BLIP: ``ptscale.data.blip_collate``."""
+    if model_parts.config.model_type == "blip":
+        from ptscale.data.blip_collate import blip_collator
+
+        return blip_collator(model_parts, data_cfg)
     return CaptionCollator(model_parts.image_processor, model_parts.tokenizer, model_parts.num_query_tokens,
                            model_parts.image_token_id, prompt=data_cfg.prompt, max_text_len=data_cfg.max_text_len)

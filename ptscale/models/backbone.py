@@ -37,6 +37,10 @@ class Backbone:
     path: Path
 
     @property
+    def config(self):
+        return self.model.config
+
+    @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
@@ -50,9 +54,10 @@ def cache_root() -> Path:
 
 
 def default_backbone_dir(cfg: ModelConfig) -> Path:
-    from ptscale.models.presets import PRESETS
+    from ptscale.models.presets import BLIP_PRESETS, PRESETS
 
-    key = json.dumps({"preset": PRESETS[cfg.preset], "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
+    spec = PRESETS[cfg.preset] if cfg.preset in PRESETS else BLIP_PRESETS[cfg.preset]
+    key = json.dumps({"preset": spec, "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
                      sort_keys=True)
     return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -114,12 +119,17 @@ def ensure_default_backbone(cfg: ModelConfig, *, rank: int = 0, barrier=None) ->
 
 
 def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
-    from ptscale.models.pretrain import pretrain_default
+    from ptscale.models.presets import BLIP_PRESETS
+
+    if cfg.preset in BLIP_PRESETS:
+        from ptscale.models.blip import pretrain_tiny_blip as pretrain
+    else:
+        from ptscale.models.pretrain import pretrain_default as pretrain
 
     t0 = time.time()
     log.info("pre-training the default %s backbone (%d steps, once; cached at %s)",
                 cfg.preset, cfg.pretrain_steps, directory)
-    model, tokenizer, image_processor = pretrain_default(cfg.preset, cfg.pretrain_steps)
+    model, tokenizer, image_processor = pretrain(cfg.preset, cfg.pretrain_steps)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -168,23 +178,34 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def model_class_of(config) -> type:
+    """The transformers class ptscale trains for a checkpoint's config: BLIP-2 or BLIP (captioning / VQA)."""
+    if config.model_type == "blip":
+        from ptscale.models.blip import blip_task, model_class
+
+        return model_class(blip_task(config))
+    return Blip2ForConditionalGeneration
+
+
 def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none") -> Backbone:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 "
                                 "checkpoint directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
     quant = quantization_config(quantization, dtype)
+    from transformers import AutoConfig
+
+    cls = model_class_of(AutoConfig.from_pretrained(path))
     if quant is None:
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype])
     else:  # bitsandbytes quantises while loading, on the device this rank computes on
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quant,
-                                                              device_map={"": device})
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quant, device_map={"": device})
         if device == "cpu":
             _keep_cpu_4bit_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
-    if getattr(model.config, "image_token_id", None) is None:
+    if model.config.model_type == "blip-2" and getattr(model.config, "image_token_id", None) is None:
         raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
     return Backbone(model, tokenizer, image_processor, path)
 
@@ -212,7 +233,7 @@ class BackboneSource:
         return self.config.num_query_tokens
 
 
-SUPPORTED_MODEL_TYPES = ("blip-2",)
+SUPPORTED_MODEL_TYPES = ("blip-2", "blip")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -236,7 +257,8 @@ def check_checkpoint_dir(path: Path) -> None:
         raise DataError(f"model.path {config}: not valid JSON ({e}); re-save the checkpoint") from None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise RecipeError(f"model.path {path}: a {model_type!r} checkpoint; ptscale trains "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Blip2ForConditionalGeneration)")
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Blip2ForConditionalGeneration, "
+                          "BlipForConditionalGeneration)")
     weights = _weight_files(path)
     if not weights:
         raise RecipeError(f"model.path {path}: no weights (model.safetensors or pytorch_model.bin); the directory "
@@ -268,16 +290,14 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     """The backbone a recipe names (pre-training the embedded default once if it is not cached), with its
     tokenizer and image processor, without loading its weights. ``build=False`` (a dry run): an embedded default
     that is not cached yet is described by its preset's geometry instead of being pre-trained."""
-    from ptscale.models.presets import uses_random_weights
+    from ptscale.models.presets import BLIP_PRESETS, uses_random_weights
 
+    blip_preset = cfg.path is None and cfg.preset in BLIP_PRESETS
+    if blip_preset:
+        _check_blip_preset(cfg)
     if not build and not cfg.path and not uses_random_weights(cfg) and not is_complete(default_backbone_dir(cfg)):
-        from ptscale.models.pretrain import new_tiny_model
-
-        with torch.device("meta"):
-            model, tokenizer = new_tiny_model(cfg.preset)
-        from ptscale.models.pretrain import tiny_processor
-
-        return BackboneSource(None, model.config, tokenizer, tiny_processor(),
+        model, tokenizer, processor = _untrained_default(cfg.preset)
+        return BackboneSource(None, model.config, tokenizer, processor,
                               {"source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""})
     if uses_random_weights(cfg):
         from ptscale.models.presets import preset_parts
@@ -298,9 +318,51 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     except (OSError, ValueError) as e:
         raise RecipeError(f"model.path {path}: its tokenizer or image processor cannot be loaded "
                           f"({str(e).splitlines()[0]}); save them beside the weights") from None
-    if getattr(config, "image_token_id", None) is None:
+    if config.model_type == "blip":
+        _check_blip_checkpoint(path, config)
+    elif getattr(config, "image_token_id", None) is None:
         raise RecipeError(f"model.path {path}: config has no image_token_index; re-save it with a transformers 5 "
                           "processor")
     source = str(path) if cfg.path else f"embedded default {path.name}"
     return BackboneSource(path, config, tokenizer, image_processor,
                           {"source": source, "path": str(path), "digest": backbone_digest(path)})
+
+
+def _untrained_default(preset: str) -> tuple[object, object, object]:
+    """The embedded default's model on the meta device (its config), tokenizer and image processor: a dry run's
+    description of a default that is not pre-trained yet."""
+    from ptscale.models.presets import BLIP_PRESETS
+
+    if preset in BLIP_PRESETS:
+        from ptscale.models.blip import new_tiny_blip, tiny_processor
+
+        with torch.device("meta"):
+            model, tokenizer = new_tiny_blip(preset)
+        return model, tokenizer, tiny_processor(preset)
+    from ptscale.models.pretrain import new_tiny_model
+    from ptscale.models.pretrain import tiny_processor as blip2_processor
+
+    with torch.device("meta"):
+        model, tokenizer = new_tiny_model(preset)
+    return model, tokenizer, blip2_processor()
+
+
+def _check_blip_preset(cfg: ModelConfig) -> None:
+    """A BLIP preset is the embedded default only: pre-trained (no random-weights build), unquantised."""
+    from ptscale.errors import RecipeError
+
+    if cfg.pretrain_steps == 0:
+        raise RecipeError(f"model.pretrain_steps: 0 (random weights) is not offered for the BLIP preset {cfg.preset}; "
+                          "use pretrain_steps > 0, or model.path for a BLIP checkpoint")
+    if cfg.quantization != "none":
+        raise RecipeError(f"model.quantization={cfg.quantization}: not offered for the BLIP preset {cfg.preset} (a "
+                          "small model); set model.quantization: none")
+
+
+def _check_blip_checkpoint(path: Path, config) -> None:
+    from ptscale.errors import RecipeError
+    from ptscale.models.blip import blip_task
+
+    if blip_task(config) != "captioning":
+        raise RecipeError(f"model.path {path}: a BLIP VQA checkpoint (BlipForQuestionAnswering); ptscale trains BLIP "
+                          "captioning checkpoints (BlipForConditionalGeneration) by recipe so far")

@@ -45,9 +45,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# BLIP (ptscale.models.blip): the tiny captioning default, pre-trained once and cached like tiny-blip2-opt.
+BLIP_PRESETS: dict[str, dict] = {
+    "tiny-blip": {
+        "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "attention_dropout": 0.0},
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "encoder_hidden_size": 64, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+                        "attention_probs_dropout_prob": 0.0},
+    },
+}
+
+
 # Presets with an embedded pre-training recipe (ptscale.models.pretrain): without model.path they are pre-trained
 # once and cached. The others are geometries: random weights without a checkpoint.
-PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt",)
+PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", *BLIP_PRESETS)
 
 
 def uses_random_weights(model_cfg) -> bool:

@@ -16,7 +16,8 @@ from torch import nn
 from ptscale.tuners.lora.config import LoraConfig
 
 # Where each component lives inside PrefixTunedModel.
-COMPONENT_ROOTS = {"vision": "base.vision_model.", "qformer": "base.qformer.", "language_model": "base.language_model."}
+COMPONENT_ROOTS = {"vision": "base.vision_model.", "qformer": "base.qformer.", "language_model": "base.language_model.",
+                   "text_encoder": "base.text_encoder.", "text_decoder": "base.text_decoder."}  # the last two: BLIP
 
 
 def lora_target_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
