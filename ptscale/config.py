@@ -36,10 +36,11 @@ log = logging.getLogger("ptscale")
 
 @dataclass
 class ModelConfig:
-    preset: str = _doc("tiny-blip2-opt", "a named architecture (`ptscale ls presets`); tiny-blip2-opt is "
-                       "pre-trained once and cached, the others are geometries (random weights without model.path)")
-    path: str | None = _doc(None, "local HF BLIP-2 checkpoint directory (weights, tokenizer, image processor); "
-                            "overrides the preset's weights")
+    preset: str = _doc("tiny-blip2-opt", "a named architecture (`ptscale ls presets`); tiny-blip2-opt (and tiny-blip, "
+                       "its BLIP captioning counterpart) is pre-trained once and cached, the others are geometries "
+                       "(random weights without model.path)")
+    path: str | None = _doc(None, "local HF BLIP-2 or BLIP captioning checkpoint directory (weights, tokenizer, image "
+                            "processor); overrides the preset's weights")
     pretrain_steps: int = _doc(1500, "pre-training steps of the embedded default backbone (once, cached); "
                                "0: random weights")
     dtype: Literal["fp32", "bf16", "fp16"] = _doc("fp32", "parameter and compute dtype")
@@ -331,6 +332,7 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
     their recipe file or as overrides); such a key that the plan would ignore is an error."""
     # the group names are owned by the model side
     from ptscale.models.groups import GROUP_ALIASES, GROUPS, expand_groups
+    from ptscale.models.presets import model_type_of
 
     check_prefix(cfg.prefix)
     check_lora(cfg.lora)
@@ -346,7 +348,7 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
             if group not in GROUPS and group not in GROUP_ALIASES:
                 known = ", ".join((*GROUPS, *GROUP_ALIASES))
                 raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {known}")
-        stage.train = expand_groups(stage.train)
+        stage.train = expand_groups(stage.train, model_type_of(cfg.model))
         if cfg.model.quantization != "none" and (frozen := set(stage.train) & set(QUANTIZED_GROUPS)):
             raise RecipeError(f"{key}.train: trains {', '.join(sorted(frozen))}, whose Linear weights are stored "
                               f"quantized (model.quantization={cfg.model.quantization}) and cannot train; train "

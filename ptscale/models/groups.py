@@ -33,17 +33,20 @@ GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g for g, _ in _RULES))
 # The model's towers that take tuners (LoRA targets, adapter components): themselves parameter groups.
 Component = Literal["vision", "qformer", "language_model", "text_encoder", "text_decoder"]
 COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model", "text_encoder", "text_decoder")
-# "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5). One alias serves
-# BLIP-2 (vision, qformer, projection, language_model) and BLIP (vision, text_encoder, text_decoder): the groups a
-# model does not have are empty.
-GROUP_ALIASES: dict[str, tuple[str, ...]] = {"full": ("vision", "qformer", "projection", "language_model",
-                                                      "text_encoder", "text_decoder")}
+# "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5). Per model type:
+# BLIP-2's towers, or BLIP's (vision and its text encoder / decoder).
+ALIASES_BY_MODEL: dict[str, dict[str, tuple[str, ...]]] = {
+    "blip-2": {"full": ("vision", "qformer", "projection", "language_model")},
+    "blip": {"full": ("vision", "text_encoder", "text_decoder")},
+}
+GROUP_ALIASES: dict[str, tuple[str, ...]] = ALIASES_BY_MODEL["blip-2"]  # every model type has the same alias names
 
 
-def expand_groups(names: list[str]) -> list[str]:
+def expand_groups(names: list[str], model_type: str = "blip-2") -> list[str]:
+    aliases = ALIASES_BY_MODEL[model_type]
     out: list[str] = []
     for name in names:
-        for group in GROUP_ALIASES.get(name, (name,)):
+        for group in aliases.get(name, (name,)):
             if group not in out:
                 out.append(group)
     return out

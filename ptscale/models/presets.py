@@ -57,6 +57,22 @@ BLIP_PRESETS: dict[str, dict] = {
 }
 
 
+def model_type_of(model_cfg) -> str:
+    """The model type a recipe's ``model`` section names ("blip-2" or "blip"), torch-free: a BLIP preset, or the
+    ``model_type`` in ``model.path``'s config.json. An unreadable config reads as "blip-2"; the backbone check
+    reports it in one line later."""
+    if model_cfg.path is None:
+        return "blip" if model_cfg.preset in BLIP_PRESETS else "blip-2"
+    import json
+    from pathlib import Path
+
+    try:
+        model_type = json.loads((Path(model_cfg.path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return "blip-2"
+    return "blip" if model_type == "blip" else "blip-2"
+
+
 # Presets with an embedded pre-training recipe (ptscale.models.pretrain): without model.path they are pre-trained
 # once and cached. The others are geometries: random weights without a checkpoint.
 PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", *BLIP_PRESETS)
