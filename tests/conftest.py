@@ -27,3 +27,14 @@ def blip2_dir(tmp_path_factory):
     for thing in (model, tok, tiny_processor()):
         thing.save_pretrained(path)
     return path
+
+
+# Fixtures that train whole runs in subprocesses (tests/runs_fixture.py): every test using them is end-to-end, so it
+# belongs to the full suite (the README's command), not to the `-m "not slow"` inner loop.
+_END_TO_END_FIXTURES = {"tiny_runs", "analysed_runs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _END_TO_END_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, int], ...] = (
     # 3: the model a recipe describes (backbone + prefixes + tuners) and its exports
     ("ptscale.models", 3), ("ptscale.tuners", 3),
     # 4: distributed engine, run directories
-    ("ptscale.training.engine", 4), ("ptscale.rundir", 4), ("ptscale.runs", 4),
+    ("ptscale.training.engine", 4), ("ptscale.training.sharded", 4), ("ptscale.training.memory_plan", 4),
+    ("ptscale.rundir", 4), ("ptscale.runs", 4),
     # 5: workflows: training, evaluation, analysis, reports, loading exports
     ("ptscale.training", 5), ("ptscale.eval", 5), ("ptscale.analysis", 5), ("ptscale.report", 5),
     ("ptscale.hub", 5), ("ptscale.tools", 5),

@@ -50,6 +50,8 @@ def expand_groups(names: list[str], model_type: str = "blip-2") -> list[str]:
             if group not in out:
                 out.append(group)
     return out
+
+
 _COMPILED = tuple((g, re.compile(p)) for g, p in _RULES)
 
 
@@ -109,3 +111,16 @@ def set_trainable(model: nn.Module, groups: list[str]) -> tuple[int, int]:
         total += numel(p)
         trainable += numel(p) if on else 0
     return trainable, total
+
+
+def check_stage_changes(before: dict[str, str], after: dict[str, str], trained: list[str], stage: str) -> None:
+    """Parameter digests around a stage: frozen groups must be bit-identical, and a trained group none of whose
+    parameters moved means the stage trained nothing (the silent ZeRO-3 failure mode)."""
+    changed = {n for n in before if before[n] != after[n]}
+    leaked = sorted(n for n in changed if group_of(n) not in trained)
+    if leaked:
+        raise RuntimeError(f"[{stage}] frozen parameters changed: {leaked[:5]} (+{max(0, len(leaked) - 5)})")
+    for group in trained:
+        members = [n for n in before if group_of(n) == group]
+        if members and not any(n in changed for n in members):
+            raise RuntimeError(f"[{stage}] group {group!r} was set to train but no parameter of it changed")
