@@ -1,8 +1,15 @@
-"""Captioning batches for BLIP (``ptscale.models.blip``): ``[BOS] prompt caption [SEP]``, loss on the caption and
-its SEP. BOS is the text config's ``bos_token_id`` (BLIP's ``[DEC]``), SEP its ``sep_token_id``. BLIP's
-``generate`` drops the last input column and overwrites the first with BOS, so a generation batch is
-``[BOS] prompt [SEP]``, with one prompt (``data.prompt``) for the whole batch. The same interface as
-:class:`ptscale.data.collate.CaptionCollator`."""
+"""Batches for BLIP (``ptscale.models.blip``), with the interface of :class:`ptscale.data.collate.CaptionCollator`.
+
+BOS is the text config's ``bos_token_id`` (BLIP's ``[DEC]``), SEP its ``sep_token_id``.
+
+* Captioning (``BlipForConditionalGeneration``): the decoder reads ``[BOS] prompt caption [SEP]``, loss on the
+  caption and its SEP. BLIP's ``generate`` drops the last input column and overwrites the first with BOS, so a
+  generation batch is ``[BOS] prompt [SEP]``, with one prompt (``data.prompt``) for the whole batch.
+* VQA (``BlipForQuestionAnswering``): the question (the record's own, without ``data.prompt``'s template,
+  tokenised with the tokenizer's special tokens: ``[CLS] question [SEP]`` for BLIP's BERT tokenizer) goes to the
+  text encoder; the answer decoder reads ``[BOS] answer [SEP]`` (``decoder_input_ids``), loss on the answer and
+  its SEP. ``generate`` answers from ``[BOS]`` and returns it first.
+"""
 
 from __future__ import annotations
 
@@ -67,8 +74,52 @@ class BlipCaptionCollator:
         return ids[:, batch["input_ids"].shape[1] - 1:]
 
 
+def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their attention mask."""
+    width = max(map(len, rows))
+    return (torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]))
+
+
+@dataclass
+class BlipVQACollator(BlipCaptionCollator):
+    """VQA batches for ``BlipForQuestionAnswering`` (see the module docstring)."""
+
+    def _question(self, record: dict) -> list[int]:
+        if "question" not in record:
+            raise ValueError(f"record {record.get('image_id')!r} has no question: a BLIP VQA backbone trains on VQA "
+                             "data (data.name: vqav2)")
+        return self.tokenizer(record["question"])["input_ids"][: self.max_text_len]
+
+    def train_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = _pad([self._question(r) for r in records], self.pad)
+        answers = [[self.bos] + self._ids(r["target"])[: self.max_text_len] + [self.sep] for r in records]
+        decoder_ids, decoder_mask = _pad(answers, self.pad)
+        labels = decoder_ids.masked_fill(decoder_mask == 0, IGNORE)
+        labels[:, 0] = IGNORE  # BOS is given, never predicted
+        return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask,
+                "decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask, "labels": labels,
+                "image_keys": [str(r["image_id"]) for r in records]}
+
+    def generation_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = _pad([self._question(r) for r in records], self.pad)
+        return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask}
+
+    def generated(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:
+        return ids[:, 1:]  # the answer decoder starts from [BOS]
+
+
 def blip_collator(source, data_cfg) -> BlipCaptionCollator:
-    """The collator for a BLIP captioning backbone (or its BackboneSource) and a recipe's data section."""
+    """The collator for a BLIP backbone (or its BackboneSource) and a recipe's data section: captioning or VQA by
+    the checkpoint's architecture."""
+    from ptscale.errors import RecipeError
+
     text = source.config.text_config
-    return BlipCaptionCollator(source.image_processor, source.tokenizer, text.bos_token_id, text.sep_token_id,
-                               text.pad_token_id, prompt=data_cfg.prompt, max_text_len=data_cfg.max_text_len)
+    vqa = (source.config.architectures or [""])[0] == "BlipForQuestionAnswering"
+    if vqa != (data_cfg.name == "vqav2"):
+        model = "a BLIP VQA backbone (BlipForQuestionAnswering)" if vqa else "a BLIP captioning backbone"
+        raise RecipeError(f"data.name={data_cfg.name} with {model}: BLIP VQA checkpoints train on VQAv2 data "
+                          "(data.name: vqav2), captioning checkpoints on caption data")
+    cls = BlipVQACollator if vqa else BlipCaptionCollator
+    return cls(source.image_processor, source.tokenizer, text.bos_token_id, text.sep_token_id, text.pad_token_id,
+               prompt=data_cfg.prompt, max_text_len=data_cfg.max_text_len)

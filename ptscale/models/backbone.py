@@ -360,9 +360,11 @@ def _check_blip_preset(cfg: ModelConfig) -> None:
 
 
 def _check_blip_checkpoint(path: Path, config) -> None:
+    """A BLIP checkpoint ptscale trains: captioning or VQA (one line for any other architecture)."""
     from ptscale.errors import RecipeError
     from ptscale.models.blip import blip_task
 
-    if blip_task(config) != "captioning":
-        raise RecipeError(f"model.path {path}: a BLIP VQA checkpoint (BlipForQuestionAnswering); ptscale trains BLIP "
-                          "captioning checkpoints (BlipForConditionalGeneration) by recipe so far")
+    try:
+        blip_task(config)
+    except ValueError as e:
+        raise RecipeError(f"model.path {path}: {e}") from None

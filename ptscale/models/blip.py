@@ -11,8 +11,8 @@ encoder's (``encoder``, VQA only) and the vision tower's (``vision``).
   (``~/.cache/ptscale/backbones`` or ``$PTSCALE_CACHE``): a ``save_pretrained`` directory with the tokenizer and
   image processor.
 * ``model.path`` may name a local copy of ``Salesforce/blip-image-captioning-base`` or ``blip-vqa-base``
-  (``config.json`` with model type ``blip``, weights, tokenizer, image processor); captioning checkpoints are
-  trained by recipe (the VQA model takes prefixes, ``ptscale.prefix``, but has no recipe path yet).
+  (``config.json`` with model type ``blip``, weights, tokenizer, image processor): captioning on caption data,
+  VQA on VQAv2-format data (``data.name: vqav2``).
 * Batches: ``ptscale.data.blip_collate``.
 """
 
@@ -110,10 +110,8 @@ def pretrain_tiny_blip(preset: str, steps: int):
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
 def blip_task(config) -> str:
-    """'captioning' or 'vqa' from a BLIP config's ``architectures``; a one-line error for anything else."""
-    from ptscale.errors import RecipeError
-
+    """'captioning' or 'vqa' from a BLIP config's ``architectures``; ValueError for anything else."""
     arch = (getattr(config, "architectures", None) or [None])[0]
     if arch not in ARCHITECTURES:
-        raise RecipeError(f"a BLIP checkpoint of architecture {arch!r}; ptscale trains {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"a BLIP checkpoint of architecture {arch!r}; ptscale trains {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch]

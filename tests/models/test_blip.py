@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from ptscale.config import EvalConfig, LoraConfig, ModelConfig, PrefixConfig, load_recipe
-from ptscale.data.blip_collate import BlipCaptionCollator
+from ptscale.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, PrefixConfig, load_recipe
+from ptscale.data.blip_collate import IGNORE, BlipCaptionCollator, BlipVQACollator
 from ptscale.data.collate import make_collator
 from ptscale.errors import RecipeError
 from ptscale.eval.generate import generate_captions
@@ -44,10 +44,23 @@ def test_model_path_resolves_and_loads_a_blip_captioning_checkpoint(blip_dir):
     assert (collator.bos, collator.sep, collator.pad) == (text.bos_token_id, text.sep_token_id, text.pad_token_id)
 
 
-def test_a_blip_vqa_checkpoint_is_refused_in_one_line(tmp_path):
-    with pytest.raises(RecipeError, match=r"a BLIP VQA checkpoint \(BlipForQuestionAnswering\); ptscale trains BLIP "
-                                          r"captioning checkpoints"):
-        resolve_source(ModelConfig(path=str(_save(tmp_path, "vqa"))))
+def test_a_blip_vqa_checkpoint_trains_on_vqa_data_only(tmp_path):
+    source = resolve_source(ModelConfig(path=str(_save(tmp_path, "vqa"))))
+    assert isinstance(make_collator(source, DataConfig(name="vqav2")), BlipVQACollator)
+    with pytest.raises(RecipeError, match=r"data.name=synthetic with a BLIP VQA backbone \(BlipForQuestionAnswering\)"):
+        make_collator(source, DataConfig())
+
+
+def test_another_blip_architecture_is_refused_in_one_line(tmp_path):
+    from transformers import BlipModel
+
+    model, tokenizer = new_tiny_blip("tiny-blip", seed=0)
+    BlipModel(model.config).save_pretrained(tmp_path)
+    for thing in (tokenizer, tiny_processor("tiny-blip")):
+        thing.save_pretrained(tmp_path)
+    with pytest.raises(RecipeError, match=r"a BLIP checkpoint of architecture 'BlipModel'; ptscale trains "
+                                          r"BlipForConditionalGeneration, BlipForQuestionAnswering"):
+        resolve_source(ModelConfig(path=str(tmp_path)))
 
 
 @pytest.mark.parametrize("key, message", [
@@ -122,3 +135,31 @@ def test_generation_path_decodes_only_new_tokens(blip_dir):
     texts = generate_captions(model, collator, records, EvalConfig(num_beams=1, max_new_tokens=3, min_new_tokens=3))
     expected = collator.tokenizer.batch_decode(out[:, 1 + len(prompt):], skip_special_tokens=True)
     assert texts == {r["image_id"]: e.strip() for r, e in zip(records, expected, strict=True)}
+
+
+def test_vqa_batches_train_and_answer_through_the_generation_path(tmp_path):
+    """BlipForQuestionAnswering with prefixes in its question encoder and answer decoder: the VQA batch trains
+    (every prefix gets a gradient) and generate_captions decodes the answers only, keyed by question id."""
+    from ptscale.data.synthetic import make_split
+
+    path = _save(tmp_path, "vqa")
+    source = resolve_source(ModelConfig(path=str(path)))
+    collator = make_collator(source, DataConfig(name="vqav2"))
+    records = [{**r, "question_id": i, "question": "what shape is it", "target": "circle"}
+               for i, r in enumerate(make_split("downstream", 2, 0, "test"))]
+    batch = collator.train_batch(records)
+    question = collator.tokenizer("what shape is it")["input_ids"]
+    circle = collator.tokenizer("circle", add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"].tolist() == [question] * 2
+    assert batch["decoder_input_ids"].tolist() == [[collator.bos, *circle, collator.sep]] * 2
+    assert batch["labels"].tolist() == [[IGNORE, *circle, collator.sep]] * 2
+    model = PrefixTunedModel(load_backbone(path).model, PrefixConfig(lengths={"encoder": 2, "decoder": 2},
+                                                                     encoder_hidden=8))
+    batch.pop("image_keys")
+    model(**batch).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prefixes.parameters())
+    answers = generate_captions(model, collator, records, EvalConfig(num_beams=1, max_new_tokens=2, min_new_tokens=2))
+    gen = collator.generation_batch(records)
+    out = model.generate(**gen, max_new_tokens=2, min_new_tokens=2, num_beams=1)
+    expected = collator.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+    assert answers == {str(i): e.strip() for i, e in enumerate(expected)}
