@@ -39,31 +39,33 @@ from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 from ptscale.prefix.attention import SLOT_ATTR, PrefixSlot, _plus_forward, classic_prefix_attention
 from ptscale.prefix.plus import PlusLayer
 
-# id(mask) -> (weakref, version, verdict): transformers builds one mask per forward and hands the same tensor to
-# every layer, so the check below (a device sync) runs once per forward, not once per layer.
-_binary_verdicts: dict[int, tuple[weakref.ref, int, bool]] = {}
+# id(mask) -> (weakref, version, its boolean form or None): transformers builds one mask per forward and hands the
+# same tensor to every layer, so the check below (a device sync) runs once per forward, not once per layer, and
+# every layer gets the same boolean tensor (whose kernel verdict ``ptscale.prefix.attention`` caches in turn).
+_boolean_forms: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
 
 
-def _is_binary(mask: torch.Tensor) -> bool:
-    """Whether an additive float mask holds only 0 (seen) and values <= finfo.min / 2 (not seen)."""
-    entry = _binary_verdicts.get(id(mask))
+def _boolean_form(mask: torch.Tensor) -> torch.Tensor | None:
+    """``mask == 0`` when an additive float mask holds only 0 (seen) and values <= finfo.min / 2 (not seen), else
+    None."""
+    entry = _boolean_forms.get(id(mask))
     if entry is not None and entry[0]() is mask and entry[1] == mask._version:
         return entry[2]
-    verdict = bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all())
-    if len(_binary_verdicts) > 16:  # drop entries whose mask is gone
-        for key in [k for k, v in _binary_verdicts.items() if v[0]() is None]:
-            del _binary_verdicts[key]
-    _binary_verdicts[id(mask)] = (weakref.ref(mask), mask._version, verdict)
-    return verdict
+    seen = mask == 0
+    binary = bool((seen | (mask <= torch.finfo(mask.dtype).min / 2)).all())
+    if len(_boolean_forms) > 16:  # drop entries whose mask is gone
+        for key in [k for k, v in _boolean_forms.items() if v[0]() is None]:
+            del _boolean_forms[key]
+    _boolean_forms[id(mask)] = (weakref.ref(mask), mask._version, seen if binary else None)
+    return seen if binary else None
 
 
 def split_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A module's own attention mask as (boolean mask, None) when it is exactly one, else (None, additive bias)."""
     if mask is None or mask.dtype == torch.bool:
         return mask, None
-    if _is_binary(mask):
-        return mask == 0, None
-    return None, mask
+    boolean = _boolean_form(mask)
+    return (boolean, None) if boolean is not None else (None, mask)
 
 
 def wrapped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

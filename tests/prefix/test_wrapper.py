@@ -141,7 +141,8 @@ def test_a_modules_own_additive_mask_applies_to_sequence_keys_float64(kind, bina
         mask = torch.zeros(b, 1, length, length, dtype=torch.float64)
         mask[1, :, :, -2:] = torch.finfo(torch.float64).min
         mask[0, :, :, 1] = torch.finfo(torch.float64).min
-        assert split_mask(mask)[1] is None  # goes on as a boolean mask
+        assert split_mask(mask)[1] is None  # goes on as a boolean mask, the same tensor for every layer
+        assert split_mask(mask)[0] is split_mask(mask)[0]
     else:
         mask = torch.randn(b, 1, length, length, dtype=torch.float64)
         assert split_mask(mask)[0] is None  # goes on as an additive bias
