@@ -101,7 +101,7 @@ def _vqa_checkpoint_from_the_captioning_default(path) -> None:
 @pytest.mark.slow
 def test_blip_vqa_prefix_then_lora_two_ranks_zero3(tmp_path):
     _vqa_checkpoint_from_the_captioning_default(tmp_path / "blip-vqa")
-    train_q, train_a = _synthetic_vqa(tmp_path, "train2014", 512, 0)
+    train_q, train_a = _synthetic_vqa(tmp_path, "train2014", 2048, 0)
     eval_q, eval_a = _synthetic_vqa(tmp_path, "val2014", 64, 0)
     launch([str(BIN / "deepspeed"), "--num_gpus", "2", "launchers/train.py", "--ds", "ds_configs/zero3.json",
             f"output_dir={tmp_path}", "run_name=vqa", f"model.path={tmp_path / 'blip-vqa'}", "plan=prefix->lora",
@@ -111,7 +111,8 @@ def test_blip_vqa_prefix_then_lora_two_ranks_zero3(tmp_path):
             "data.name=vqav2", f"data.image_root={tmp_path / 'images'}", f"data.vqa_train_questions={train_q}",
             f"data.vqa_train_annotations={train_a}", f"data.vqa_eval_questions={eval_q}",
             f"data.vqa_eval_annotations={eval_a}", "data.train_size=0", "data.eval_size=0",
-            "eval.max_new_tokens=3", "methods.prefix.evaluate=false", "checkpoint.every_steps=0"], timeout=1800)
+            "eval.max_new_tokens=3", "methods.prefix.evaluate=false", "methods.lora.epochs=3",
+            "methods.lora.lr=2.0e-3", "checkpoint.every_steps=0"], timeout=1800)
     run = tmp_path / "vqa"
     results = json.loads((run / "results.json").read_text())
     points = {e["point"]: e["metrics"] for e in results["evaluations"]}
