@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from ptscale.data.text_collate import IGNORE, make_text_collator
+
+__all__ = ["IGNORE", "CaptionCollator", "make_collator"]
 
 
 @dataclass
@@ -69,12 +71,16 @@ class CaptionCollator:
         return ids[:, batch["input_ids"].shape[1]:]
 
 
-def make_collator(model_parts, data_cfg) -> CaptionCollator:
+def make_collator(model_parts, data_cfg):
     """The collator for a backbone (or its BackboneSource: tokenizer, image processor, query tokens, image
-    token id) and a recipe's data section: the one place it is built. BLIP: ``ptscale.data.blip_collate``."""
-    if model_parts.config.model_type == "blip":
+    token id) and a recipe's data section: the one place it is built. A language model (its ``kind``) gets a
+    :class:`ptscale.data.text_collate.TextCollator`; BLIP (family ``blip``) ``ptscale.data.blip_collate``'s."""
+    if getattr(model_parts, "family", "blip2") == "blip":
         from ptscale.data.blip_collate import blip_collator
 
         return blip_collator(model_parts, data_cfg)
+    kind = getattr(model_parts, "kind", "vision-language")
+    if kind != "vision-language":
+        return make_text_collator(model_parts.tokenizer, data_cfg, seq2seq=kind == "seq2seq-lm")
     return CaptionCollator(model_parts.image_processor, model_parts.tokenizer, model_parts.num_query_tokens,
                            model_parts.image_token_id, prompt=data_cfg.prompt, max_text_len=data_cfg.max_text_len)

@@ -18,14 +18,17 @@ from ptscale.eval.generate import generate_captions
 PER_IMAGE_HEADLINE = ("Bleu_4", "CIDEr")
 
 # What identifies the evaluated data, per source, beside name/split/size/prompt (enough to rebuild it).
-_SOURCE_KEYS = {"synthetic": ("task", "seed"), "coco": ("karpathy_json", "image_root", "eval_split"),
+_SOURCE_KEYS = {"synthetic": ("task", "seed"), "synthetic-text": ("task", "seed", "max_text_len"),
+                "coco": ("karpathy_json", "image_root", "eval_split"),
                 "flickr30k": ("karpathy_json", "image_root", "eval_split"),
-                "vqav2": ("vqa_eval_questions", "vqa_eval_annotations", "image_root")}
+                "vqav2": ("vqa_eval_questions", "vqa_eval_annotations", "image_root"),
+                "text": ("eval_file", "train_file", "eval_split", "prompt_column", "completion_column", "text_column",
+                         "chat_template", "max_text_len")}
 
 
 @dataclass
 class EvalData:
-    task: str  # "caption" or "vqa"
+    task: str  # "caption", "vqa" or "text"
     records: Sequence[dict]  # a list, or a lazy dataset whose skipped (bad) items are falsy
     references: dict[str, list[str]] | None  # captioning: image_id -> references
     splits: Splits
@@ -62,12 +65,17 @@ def load_eval_data(cfg: RunConfig, collator, split: str = "eval", size: int | No
 
 
 def generate_gathered(model, collator, records: Sequence[dict], settings: EvalConfig, world: DistInfo, *,
-                      synced: bool = False) -> dict[str, str]:
+                      synced: bool = False) -> dict[str, Any]:
     """key (image_id; question_id for VQA) -> generated text for every record, on every rank: each rank
-    generates its shard (``synced``: under ZeRO-3, every rank makes the same generate calls), then all gather."""
-    mine = generate_captions(model, collator, records, settings, rank=world.rank, world=world.world_size,
-                             synced=synced)
-    merged: dict[str, str] = {}
+    generates its shard (``synced``: under ZeRO-3, every rank makes the same generate calls), then all gather.
+    Text (a language model's collator): record id -> its loss terms and generation (ptscale.eval.text)."""
+    from ptscale.data.text_collate import TextCollator
+
+    predict = generate_captions
+    if isinstance(collator, TextCollator):
+        from ptscale.eval.text import predict_text as predict
+    mine = predict(model, collator, records, settings, rank=world.rank, world=world.world_size, synced=synced)
+    merged: dict[str, Any] = {}
     for part in gather_objects(mine):
         merged.update(part)  # shard padding repeats records: the same id, the same text
     return merged
@@ -82,7 +90,12 @@ class Scored:
     rows: list[dict[str, Any]]
 
 
-def score(preds: dict[str, str], data: EvalData, spice: str = "auto") -> Scored:
+def score(preds: dict[str, Any], data: EvalData, spice: str = "auto") -> Scored:
+    if data.task == "text":
+        from ptscale.eval.text import score_text
+
+        metrics, rows = score_text(preds, data.records)
+        return Scored({"metrics": metrics, "unavailable": {}, "n_records": len(rows)}, rows)
     return score_vqa(preds, data) if data.task == "vqa" else score_captions_task(preds, data, spice)
 
 

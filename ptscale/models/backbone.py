@@ -35,6 +35,11 @@ class Backbone:
     tokenizer: object
     image_processor: object
     path: Path
+    family: str = "blip2"  # ptscale.models.families
+
+    @property
+    def kind(self) -> str:
+        return family_kind(self.family)
 
     @property
     def config(self):
@@ -49,15 +54,21 @@ class Backbone:
         return self.model.config.num_query_tokens
 
 
+def family_kind(family: str) -> str:
+    """vision-language, causal-lm or seq2seq-lm: what a family's data and evaluation are."""
+    from ptscale.models.families import FAMILIES
+
+    return FAMILIES[family].kind
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PTSCALE_CACHE", Path.home() / ".cache" / "ptscale"))
 
 
 def default_backbone_dir(cfg: ModelConfig) -> Path:
-    from ptscale.models.presets import BLIP_PRESETS, PRESETS
+    from ptscale.models.presets import preset_spec
 
-    spec = PRESETS[cfg.preset] if cfg.preset in PRESETS else BLIP_PRESETS[cfg.preset]
-    key = json.dumps({"preset": spec, "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
+    key = json.dumps({"preset": preset_spec(cfg.preset), "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
                      sort_keys=True)
     return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -135,7 +146,8 @@ def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
+        if image_processor is not None:  # a language model has none
+            image_processor.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"preset": cfg.preset, "steps": cfg.pretrain_steps,
                                               "sha256": _sha256(tmp / "model.safetensors")}))
         if directory.exists():
@@ -178,24 +190,45 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def model_class_of(config) -> type:
-    """The transformers class ptscale trains for a checkpoint's config: BLIP-2 or BLIP (captioning / VQA)."""
-    if config.model_type == "blip":
-        from ptscale.models.blip import blip_task, model_class
+def model_class(family: str, config=None):
+    """The transformers class a family's checkpoints load as (ptscale.models.families); BLIP's depends on the
+    checkpoint's architecture (``config``: captioning or VQA)."""
+    from ptscale.models.families import FAMILIES
 
-        return model_class(blip_task(config))
-    return Blip2ForConditionalGeneration
+    if family == "blip":
+        from ptscale.models.blip import blip_task
+        from ptscale.models.blip import model_class as blip_class
+
+        return blip_class(blip_task(config))
+    kind = FAMILIES[family].kind
+    if kind == "vision-language":
+        return Blip2ForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSeq2SeqLM
 
 
-def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none") -> Backbone:
+def new_model(family: str, config):
+    """A family's model from its config, with fresh weights (on the current default device, e.g. meta)."""
+    cls = model_class(family, config)
+    return cls(config) if family in ("blip2", "blip") else cls.from_config(config)
+
+
+def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none",
+                  family: str | None = None) -> Backbone:
+    """``family``: the recipe's (``model.family``); None: detected from the checkpoint's config.json."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 "
-                                "checkpoint directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
+        raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF checkpoint "
+                                "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
     quant = quantization_config(quantization, dtype)
     from transformers import AutoConfig
 
-    cls = model_class_of(AutoConfig.from_pretrained(path))
+    from ptscale.models.families import family_of_checkpoint
+
+    family = family or family_of_checkpoint(path) or "blip2"
+
+    cls = model_class(family, AutoConfig.from_pretrained(path) if family == "blip" else None)
     if quant is None:
         model = cls.from_pretrained(path, dtype=DTYPES[dtype])
     else:  # bitsandbytes quantises while loading, on the device this rank computes on
@@ -204,10 +237,12 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
         if device == "cpu":
             _keep_cpu_4bit_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if family_kind(family) != "vision-language":  # a language model: no images
+        return Backbone(model, tokenizer, None, path, family)
     image_processor = AutoImageProcessor.from_pretrained(path)
-    if model.config.model_type == "blip-2" and getattr(model.config, "image_token_id", None) is None:
+    if family == "blip2" and getattr(model.config, "image_token_id", None) is None:
         raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
-    return Backbone(model, tokenizer, image_processor, path)
+    return Backbone(model, tokenizer, image_processor, path, family)
 
 
 # --- Where the backbone comes from: checked, identified and tokenised before any model is built --------------
@@ -223,6 +258,11 @@ class BackboneSource:
     tokenizer: object
     image_processor: object
     identity: dict[str, str]  # {"source": ..., "digest": ...}
+    family: str = "blip2"  # ptscale.models.families
+
+    @property
+    def kind(self) -> str:
+        return family_kind(self.family)
 
     @property
     def image_token_id(self) -> int:
@@ -233,16 +273,13 @@ class BackboneSource:
         return self.config.num_query_tokens
 
 
-SUPPORTED_MODEL_TYPES = ("blip-2", "blip")
-
-
 def _weight_files(path: Path) -> list[Path]:
     return sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def check_checkpoint_dir(path: Path) -> None:
-    """``model.path`` before anything is built: a BLIP-2 checkpoint directory with readable weights."""
-    from ptscale.errors import DataError, RecipeError
+    """``model.path`` before anything is built: a checkpoint directory of a supported type with readable weights."""
+    from ptscale.errors import RecipeError
 
     if not path.is_dir():
         raise RecipeError(f"model.path {path}: no such directory; point it at a local HF BLIP-2 checkpoint "
@@ -251,14 +288,9 @@ def check_checkpoint_dir(path: Path) -> None:
     if not config.is_file():
         raise RecipeError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 checkpoint "
                           "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except ValueError as e:
-        raise DataError(f"model.path {config}: not valid JSON ({e}); re-save the checkpoint") from None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise RecipeError(f"model.path {path}: a {model_type!r} checkpoint; ptscale trains "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Blip2ForConditionalGeneration, "
-                          "BlipForConditionalGeneration)")
+    from ptscale.models.families import family_of_checkpoint
+
+    family_of_checkpoint(path)  # a model type ptscale does not train: refused, naming the supported ones
     weights = _weight_files(path)
     if not weights:
         raise RecipeError(f"model.path {path}: no weights (model.safetensors or pytorch_model.bin); the directory "
@@ -292,12 +324,29 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     that is not cached yet is described by its preset's geometry instead of being pre-trained."""
     from ptscale.models.presets import BLIP_PRESETS, uses_random_weights
 
-    blip_preset = cfg.path is None and cfg.preset in BLIP_PRESETS
-    if blip_preset:
+    if cfg.path is None and cfg.preset in BLIP_PRESETS:
         _check_blip_preset(cfg)
     if not build and not cfg.path and not uses_random_weights(cfg) and not is_complete(default_backbone_dir(cfg)):
-        model, tokenizer, processor = _untrained_default(cfg.preset)
-        return BackboneSource(None, model.config, tokenizer, processor,
+        if cfg.preset in BLIP_PRESETS:
+            model, tokenizer, processor = _untrained_blip(cfg.preset)
+            return BackboneSource(None, model.config, tokenizer, processor, {
+                "source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""}, family="blip")
+        from ptscale.models.presets import TEXT_PRESETS
+
+        if cfg.preset in TEXT_PRESETS:
+            from ptscale.models.pretrain_text import new_text_model
+
+            with torch.device("meta"):
+                model, tokenizer = new_text_model(cfg.preset)
+            return BackboneSource(None, model.config, tokenizer, None, {
+                "source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""}, family=cfg.family)
+        from ptscale.models.pretrain import new_tiny_model
+
+        with torch.device("meta"):
+            model, tokenizer = new_tiny_model(cfg.preset)
+        from ptscale.models.pretrain import tiny_processor
+
+        return BackboneSource(None, model.config, tokenizer, tiny_processor(),
                               {"source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""})
     if uses_random_weights(cfg):
         from ptscale.models.presets import preset_parts
@@ -310,41 +359,51 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     from transformers import AutoConfig
 
     from ptscale.errors import RecipeError
+    from ptscale.models.families import family_of_checkpoint
 
     config = AutoConfig.from_pretrained(path)
+    family = cfg.family or family_of_checkpoint(path) or "blip2"  # set by the recipe's validation; else detected
+    if family_kind(family) != "vision-language":
+        return _language_model_source(cfg, path, config, family)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise RecipeError(f"model.path {path}: its tokenizer or image processor cannot be loaded "
                           f"({str(e).splitlines()[0]}); save them beside the weights") from None
-    if config.model_type == "blip":
+    if family == "blip":
         _check_blip_checkpoint(path, config)
     elif getattr(config, "image_token_id", None) is None:
         raise RecipeError(f"model.path {path}: config has no image_token_index; re-save it with a transformers 5 "
                           "processor")
     source = str(path) if cfg.path else f"embedded default {path.name}"
     return BackboneSource(path, config, tokenizer, image_processor,
-                          {"source": source, "path": str(path), "digest": backbone_digest(path)})
+                          {"source": source, "path": str(path), "digest": backbone_digest(path)}, family=family)
 
 
-def _untrained_default(preset: str) -> tuple[object, object, object]:
-    """The embedded default's model on the meta device (its config), tokenizer and image processor: a dry run's
+def _language_model_source(cfg: ModelConfig, path: Path, config, family: str) -> BackboneSource:
+    from ptscale.errors import RecipeError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.path {path}: its tokenizer cannot be loaded ({str(e).splitlines()[0]}); save it "
+                          "beside the weights (tokenizer.save_pretrained)") from None
+    if tokenizer.eos_token_id is None:
+        raise RecipeError(f"model.path {path}: the tokenizer has no EOS token; a completion needs one to end")
+    source = str(path) if cfg.path else f"embedded default {path.name}"
+    return BackboneSource(path, config, tokenizer, None, {"source": source, "path": str(path),
+                                                          "digest": backbone_digest(path)}, family=family)
+
+
+def _untrained_blip(preset: str) -> tuple[object, object, object]:
+    """The tiny BLIP default on the meta device (its config), tokenizer and image processor: a dry run's
     description of a default that is not pre-trained yet."""
-    from ptscale.models.presets import BLIP_PRESETS
-
-    if preset in BLIP_PRESETS:
-        from ptscale.models.blip import new_tiny_blip, tiny_processor
-
-        with torch.device("meta"):
-            model, tokenizer = new_tiny_blip(preset)
-        return model, tokenizer, tiny_processor(preset)
-    from ptscale.models.pretrain import new_tiny_model
-    from ptscale.models.pretrain import tiny_processor as blip2_processor
+    from ptscale.models.blip import new_tiny_blip, tiny_processor
 
     with torch.device("meta"):
-        model, tokenizer = new_tiny_model(preset)
-    return model, tokenizer, blip2_processor()
+        model, tokenizer = new_tiny_blip(preset)
+    return model, tokenizer, tiny_processor(preset)
 
 
 def _check_blip_preset(cfg: ModelConfig) -> None:

@@ -28,25 +28,26 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("language_model", r"^base\.language_model\."),
     ("text_encoder", r"^base\.text_encoder\."),  # BLIP VQA's question encoder (BERT with cross-attention)
     ("text_decoder", r"^base\.text_decoder\."),  # BLIP's caption / answer decoder
+    # a standalone language model (OPT, Llama, Qwen2: base.model.*, base.lm_head; T5: base.shared, encoder, decoder)
+    ("embeddings", r"^base\.(model\.)?(decoder\.)?(embed_tokens|embed_positions|shared)\."),
+    ("lm_head", r"^base\.lm_head\."),
+    ("language_model", r"^base\.(model|encoder|decoder)\."),
 )
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g for g, _ in _RULES))
 # The model's towers that take tuners (LoRA targets, adapter components): themselves parameter groups.
 Component = Literal["vision", "qformer", "language_model", "text_encoder", "text_decoder"]
 COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model", "text_encoder", "text_decoder")
-# "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5). Per model type:
-# BLIP-2's towers, or BLIP's (vision and its text encoder / decoder).
-ALIASES_BY_MODEL: dict[str, dict[str, tuple[str, ...]]] = {
-    "blip-2": {"full": ("vision", "qformer", "projection", "language_model")},
-    "blip": {"full": ("vision", "text_encoder", "text_decoder")},
-}
-GROUP_ALIASES: dict[str, tuple[str, ...]] = ALIASES_BY_MODEL["blip-2"]  # every model type has the same alias names
+# "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5). BLIP-2's towers here;
+# a model family's own "full" (BLIP's vision and text towers, a language model's) is in ptscale.models.families.
+GROUP_ALIASES: dict[str, tuple[str, ...]] = {"full": ("vision", "qformer", "projection", "language_model")}
 
 
-def expand_groups(names: list[str], model_type: str = "blip-2") -> list[str]:
-    aliases = ALIASES_BY_MODEL[model_type]
+def expand_groups(names: list[str], aliases: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Aliases replaced by their groups (``aliases``: a model family's own, e.g. a language model's full)."""
+    table = {**GROUP_ALIASES, **(aliases or {})}
     out: list[str] = []
     for name in names:
-        for group in aliases.get(name, (name,)):
+        for group in table.get(name, (name,)):
             if group not in out:
                 out.append(group)
     return out

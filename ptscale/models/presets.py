@@ -57,25 +57,29 @@ BLIP_PRESETS: dict[str, dict] = {
 }
 
 
-def model_type_of(model_cfg) -> str:
-    """The model type a recipe's ``model`` section names ("blip-2" or "blip"), torch-free: a BLIP preset, or the
-    ``model_type`` in ``model.path``'s config.json. An unreadable config reads as "blip-2"; the backbone check
-    reports it in one line later."""
-    if model_cfg.path is None:
-        return "blip" if model_cfg.preset in BLIP_PRESETS else "blip-2"
-    import json
-    from pathlib import Path
+# Language-model presets (LlamaConfig keys; the vocabulary and special tokens come from the tokenizer).
+# tiny-llama-text is the text embedded default: grouped-query attention (4 query heads, 2 KV heads) and RoPE.
+TEXT_PRESETS: dict[str, dict] = {
+    "tiny-llama-text": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                        "rope_theta": 10000.0, "tie_word_embeddings": False},
+}
 
-    try:
-        model_type = json.loads((Path(model_cfg.path) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return "blip-2"
-    return "blip" if model_type == "blip" else "blip-2"
+# Presets with an embedded pre-training recipe (ptscale.models.pretrain, ptscale.models.blip): without model.path
+# they are pre-trained once and cached. The others are geometries: random weights without a checkpoint.
+PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text", *BLIP_PRESETS)
 
 
-# Presets with an embedded pre-training recipe (ptscale.models.pretrain): without model.path they are pre-trained
-# once and cached. The others are geometries: random weights without a checkpoint.
-PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", *BLIP_PRESETS)
+def preset_spec(preset: str) -> dict:
+    """A preset's geometry: BLIP-2, BLIP or language model."""
+    return {**PRESETS, **BLIP_PRESETS, **TEXT_PRESETS}[preset]
+
+
+def preset_family(preset: str) -> str:
+    """The model family of a preset (ptscale.models.families)."""
+    if preset in TEXT_PRESETS:
+        return TEXT_PRESETS[preset]["model_type"]
+    return "blip" if preset in BLIP_PRESETS else "blip2"
 
 
 def uses_random_weights(model_cfg) -> bool:

@@ -44,6 +44,7 @@ log = logging.getLogger("ptscale")
 
 METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 VQA_METRICS = ("VQA_accuracy",)
+TEXT_METRICS = ("loss", "perplexity", "exact_match")  # ptscale.eval.text
 
 
 @dataclass
@@ -122,7 +123,7 @@ class PTPEFTRecipe:
         cfg = self.cfg
         stages = " -> ".join(f"{stage_name(s, i)} ({s.steps} steps)" if s.steps else
                              f"{stage_name(s, i)} ({s.epochs:g} ep)" for i, s in enumerate(cfg.stages))
-        data = f"{cfg.data.name}/{cfg.data.task}" if cfg.data.name == "synthetic" else cfg.data.name
+        data = f"{cfg.data.name}/{cfg.data.task}" if cfg.data.name.startswith("synthetic") else cfg.data.name
         head = "dry run OK (nothing written): " if dry_run else ""
         return (f"{head}{self.source.identity['source']}, plan {cfg.plan or 'explicit stages'}: {stages}; data "
                 f"{data} {len(self.train_records)} train / {len(self.eval_records)} eval; "
@@ -306,18 +307,20 @@ class PTPEFTRecipe:
             self.results.append(EvalPoint(point, index, trainable, total, metrics, unavailable, step,
                                           self._eval_settings()))
             safe = point.replace(" ", "_")
-            write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(scored.rows, indent=1))
+            rows_file = "predictions" if self.eval_data.task == "text" else "captions"
+            write_text_atomic(self.run_dir / f"{rows_file}-{safe}.json", json.dumps(scored.rows, indent=1))
             self.logger.log(step, {"kind": "eval", "stage": point, **metrics})
             tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                       if k in METRICS + VQA_METRICS))
+                                                       if k in METRICS + VQA_METRICS + TEXT_METRICS))
             self._write_results()
         self.results = ds.broadcast_object(self.results)
         ds.barrier()
 
     def _eval_settings(self) -> dict:
         d, e = self.cfg.data, self.cfg.eval
-        split = {"synthetic": "eval", "vqav2": Path(d.vqa_eval_questions or "").name}.get(d.name, d.eval_split)
-        return {"data": d.name, "task": d.task if d.name == "synthetic" else self.splits.task,
+        split = {"synthetic": "eval", "synthetic-text": "eval", "vqav2": Path(d.vqa_eval_questions or "").name,
+                 "text": Path(d.eval_file).name if d.eval_file else d.eval_split}.get(d.name, d.eval_split)
+        return {"data": d.name, "task": d.task if d.name.startswith("synthetic") else self.splits.task,
                 "split": split, "size": len(self.eval_records),
                 "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "min_new_tokens": e.min_new_tokens}
 
@@ -339,6 +342,8 @@ class PTPEFTRecipe:
 
 def results_table(results: list[EvalPoint]) -> str:
     names = VQA_METRICS if any("VQA_accuracy" in r.metrics for r in results) else METRICS
+    if any("perplexity" in r.metrics for r in results):
+        names = tuple(m for m in TEXT_METRICS if any(m in r.metrics for r in results))
     head = ["evaluated", "trainable", "share %", *names]
     rows = [[r.point, f"{r.trainable:,}", f"{100 * r.trainable / r.total:.3f}",
              *(f"{r.metrics.get(m, float('nan')):.4f}" for m in names)] for r in results]

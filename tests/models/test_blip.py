@@ -14,6 +14,7 @@ from ptscale.errors import RecipeError
 from ptscale.eval.generate import generate_captions
 from ptscale.models.backbone import default_backbone_dir, load_backbone, resolve_source
 from ptscale.models.blip import model_class, new_tiny_blip, tiny_processor
+from ptscale.models.families import FAMILIES
 from ptscale.models.groups import expand_groups, group_of, set_trainable
 from ptscale.prefix.model import PrefixTunedModel
 from ptscale.prefix.wrapper import PrefixAttentionWrapper
@@ -97,7 +98,7 @@ def test_every_blip_parameter_has_one_group_and_full_keeps_embeddings_and_head_f
     assert groups["base.text_encoder.embeddings.position_embeddings.weight"] == "embeddings"
     assert groups["base.text_decoder.bert.encoder.layer.0.attention.self.query.weight"] == "text_decoder"
     assert groups["base.text_decoder.cls.predictions.transform.dense.weight"] == "lm_head"  # the prediction head
-    set_trainable(model, expand_groups(["full"], "blip"))
+    set_trainable(model, expand_groups(["full"], {"full": FAMILIES["blip"].full}))
     on = {groups[n] for n, p in model.named_parameters() if p.requires_grad}
     assert on == {"vision", "text_encoder", "text_decoder"}
     cfg = load_recipe(None, ["model.preset=tiny-blip", "plan=prefix->full", "prefix.lengths={decoder: 4}"])
