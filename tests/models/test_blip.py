@@ -164,3 +164,15 @@ def test_vqa_batches_train_and_answer_through_the_generation_path(tmp_path):
     out = model.generate(**gen, max_new_tokens=2, min_new_tokens=2, num_beams=1)
     expected = collator.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
     assert answers == {str(i): e.strip() for i, e in enumerate(expected)}
+
+
+def test_the_blip_family_brings_its_own_prefix_and_lora_defaults():
+    cfg = load_recipe(None, ["model.preset=tiny-blip", "plan=prefix->lora"])
+    assert cfg.model.family == "blip"
+    assert cfg.prefix.lengths == {"decoder": 8}
+    assert cfg.lora.targets == {"text_decoder": ["attention.self.query", "attention.self.value"]}
+    # an override of one target keeps none of BLIP-2's default entries (no Q-Former in BLIP)
+    cfg = load_recipe(None, ["model.preset=tiny-blip", "plan=prefix->lora", "prefix.lengths.vision=2"])
+    assert cfg.prefix.lengths == {"vision": 2}
+    with pytest.raises(RecipeError, match="preset tiny-blip is a blip model and there is no model.path"):
+        load_recipe(None, ["model.preset=tiny-blip", "model.family=blip2"])
