@@ -401,12 +401,10 @@ def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
     for what the user did not set: prefixes in the language model only, LoRA on its q / v projections
     (``ptscale.models.families``). Text data and language models go together."""
     from ptscale.models.families import FAMILIES, resolve_family
-    from ptscale.models.presets import BLIP_PRESETS, PRESETS, TEXT_PRESETS, preset_family
+    from ptscale.models.presets import check_preset, preset_family
 
     m = cfg.model
-    if m.preset not in PRESETS and m.preset not in TEXT_PRESETS and m.preset not in BLIP_PRESETS:
-        known = ", ".join([*PRESETS, *BLIP_PRESETS, *TEXT_PRESETS])
-        raise RecipeError(f"model.preset: unknown preset {m.preset!r}; known: {known} (`ptscale ls presets`)")
+    check_preset(m.preset, "model.preset")
     family = FAMILIES[resolve_family(m.family, m.path, preset_family(m.preset))]
     if m.path is None and family.name != preset_family(m.preset):
         raise RecipeError(f"model.family={family.name}, but preset {m.preset} is a {preset_family(m.preset)} model "

@@ -70,8 +70,20 @@ TEXT_PRESETS: dict[str, dict] = {
 PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text", *BLIP_PRESETS)
 
 
+ALL_PRESETS: tuple[str, ...] = (*PRESETS, *BLIP_PRESETS, *TEXT_PRESETS)
+
+
+def check_preset(preset: str, where: str) -> None:
+    """``where``: how the user named it (``model.preset``, ``--model``)."""
+    from ptscale.errors import RecipeError
+
+    if preset not in ALL_PRESETS:
+        raise RecipeError(f"{where}: unknown preset {preset!r}; known: {', '.join(ALL_PRESETS)} (`ptscale ls presets`)")
+
+
 def preset_spec(preset: str) -> dict:
     """A preset's geometry: BLIP-2, BLIP or language model."""
+    check_preset(preset, "model.preset")
     return {**PRESETS, **BLIP_PRESETS, **TEXT_PRESETS}[preset]
 
 
