@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ptscale.prefix.config import PREFIX_TARGETS
+from ptscale.models.families import BY_MODEL_TYPE, FAMILIES
 from ptscale.prefix.wrapper import WRAPPERS
 
 
@@ -110,25 +110,27 @@ def _blip_text(base: nn.Module, part: str) -> Layers:
     return found
 
 
-FINDERS: dict[str, dict[str, Callable[[nn.Module], Layers]]] = {
-    "blip-2": {
-        "qformer": lambda m: [(f"qformer.encoder.layer.{i}.attention.attention", layer.attention.attention)
-                              for i, layer in enumerate(m.qformer.encoder.layer)],
-        "vision": lambda m: _vit_self_attention(m.vision_model, "vision_model."),
-        "language_model": lambda m: _blip2_lm(m, "language_model"),
-        "encoder": lambda m: _blip2_lm(m, "encoder"),
-        "decoder": lambda m: _blip2_lm(m, "decoder"),
-    },
-    "t5": {part: (lambda m, p=part: _t5(m, p)) for part in ("encoder", "decoder", "language_model")},
-    "blip": {
-        "vision": lambda m: _vit_self_attention(m.vision_model, "vision_model."),
-        **{part: (lambda m, p=part: _blip_text(m, p)) for part in ("encoder", "decoder", "language_model")},
-    },
-    **{t: {"language_model": lambda m: _lm_self_attention(m, "")} for t in ("opt", "llama", "qwen2")},
+def _blip2(base: nn.Module, target: str) -> Layers:
+    if target == "qformer":
+        return [(f"qformer.encoder.layer.{i}.attention.attention", layer.attention.attention)
+                for i, layer in enumerate(base.qformer.encoder.layer)]
+    if target == "vision":
+        return _vit_self_attention(base.vision_model, "vision_model.")
+    return _blip2_lm(base, target)
+
+
+def _blip(base: nn.Module, target: str) -> Layers:
+    if target == "vision":
+        return _vit_self_attention(base.vision_model, "vision_model.")
+    return _blip_text(base, target)
+
+
+# model type -> (model, target) -> its layers. The target names each family takes are defined with the family
+# (ptscale.models.families.Family.prefix_targets); these find them.
+FINDERS: dict[str, Callable[[nn.Module, str], Layers]] = {
+    "blip-2": _blip2, "blip": _blip, "t5": _t5,
+    **dict.fromkeys(("opt", "llama", "qwen2"), lambda base, target: _lm_self_attention(base, "")),
 }
-_unknown = {t for f in FINDERS.values() for t in f} - set(PREFIX_TARGETS)
-if _unknown:  # the recipe validation (ptscale.config.PREFIX_TARGETS) must know every target
-    raise RuntimeError(f"prefix targets {sorted(_unknown)} are missing from ptscale.config.PREFIX_TARGETS")
 
 
 def find_layers(base: nn.Module, target: str) -> Layers:
@@ -136,11 +138,11 @@ def find_layers(base: nn.Module, target: str) -> Layers:
     if model_type not in FINDERS:
         raise PrefixHookError(f"no prefix targets known for model type {model_type!r} ({type(base).__name__}); "
                               f"supported: {', '.join(FINDERS)} (ptscale.prefix.targets.FINDERS)")
-    finders = FINDERS[model_type]
-    if target not in finders:
+    targets = FAMILIES[BY_MODEL_TYPE[model_type]].prefix_targets
+    if target not in targets:
         raise PrefixHookError(f"prefix target {target!r} does not exist for {model_type} ({type(base).__name__}); "
-                              f"its targets: {', '.join(finders)}")
-    layers = finders[target](base)
+                              f"its targets: {', '.join(targets)}")
+    layers = FINDERS[model_type](base, target)
     if not layers:
         raise PrefixHookError(f"prefix target {target!r}: no attention layers found in {type(base).__name__}")
     return layers

@@ -16,6 +16,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ptscale.config import PREFIX_TARGETS, PrefixConfig
+from ptscale.models.families import BY_MODEL_TYPE
 from ptscale.prefix.attention import SLOT_ATTR
 from ptscale.prefix.model import PrefixHookError, PrefixTunedModel, prefix_parameter_report
 from ptscale.prefix.targets import FINDERS, WRAPPER, mechanism
@@ -98,8 +99,10 @@ def test_a_module_the_implementation_does_not_reach_is_an_error(monkeypatch):
         PrefixTunedModel(base, PrefixConfig(lengths={"language_model": 2}))
 
 
-def test_every_finder_target_is_a_config_target():
-    assert all(set(f) <= set(PREFIX_TARGETS) for f in FINDERS.values())
+def test_every_family_has_a_finder_and_its_targets_are_recipe_targets():
+    # target names live with the families (one list); each family's model type has a finder for them
+    assert set(FINDERS) == set(BY_MODEL_TYPE)
+    assert PREFIX_TARGETS == ("qformer", "vision", "language_model", "encoder", "decoder")
 
 
 @pytest.mark.parametrize("kind", ["classic", "plus"])
