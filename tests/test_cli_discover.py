@@ -169,3 +169,12 @@ def test_bare_ptscale_prints_help_and_version_is_known():
 def test_verbose_and_quiet_exclude_each_other():
     proc = run_cli("config", "-v", "-q")
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+def test_ls_of_language_models():
+    """A language-model checkpoint's groups (full = the language model) and default LoRA targets (q / v)."""
+    groups = run_cli("ls", "groups", "--model", "tiny-llama-text")
+    assert groups.returncode == 0, groups.stderr
+    assert "qformer" not in groups.stdout and "= language_model" in groups.stdout
+    targets = run_cli("ls", "targets")
+    assert "llama lora.targets.language_model: q_proj v_proj" in targets.stdout
