@@ -10,6 +10,7 @@ option or a directory, 3 for unreadable data or files, 1 when training stopped i
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -160,23 +161,38 @@ def add_global_args(p: argparse.ArgumentParser) -> None:
 
 
 GLOBAL_FLAGS = ("--debug", "-v", "--verbose", "-q", "--quiet")
-# parsed by a small parser of their own: no heavy import (torch, transformers, deepspeed) before they run
-LIGHT_COMMANDS = {"train": "add_train_args", "config": "add_config_args", "ls": "add_ls_args", "cp": "add_cp_args"}
+# parsed by a small parser of their own (key=value overrides before and after the options): no heavy import
+# (torch, transformers, deepspeed) before they run
+LIGHT_COMMANDS = ("train", "config", "ls", "cp")
 
 
-def add_ls_args(p: argparse.ArgumentParser) -> None:
-    from ptscale.listing import add_ls_args as add
+# name -> (its line in the help, where its arguments are defined, where it runs). A command's module is imported
+# only when that command runs (or shows its own --help): `ptscale` and `ptscale --help` import no torch.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("run a PT-PEFT recipe", "ptscale.cli:add_train_args", "ptscale.cli:run_train"),
+    "config": ("print the fully resolved recipe", "ptscale.cli:add_config_args", "ptscale.cli:run_config"),
+    "ls": ("presets, plans, parameter groups, LoRA targets, recipes, recipe keys", "ptscale.listing:add_ls_args",
+           "ptscale.listing:run_ls"),
+    "cp": ("copy a shipped recipe to start from", "ptscale.listing:add_cp_args", "ptscale.listing:run_cp"),
+    "score": ("score saved predictions (COCO captions, VQAv2)", "ptscale.eval.score_cli:add_score_args",
+              "ptscale.eval.score_cli:run_score"),
+    "eval": ("caption a saved run's eval split and score it", "ptscale.eval.run_eval:add_eval_args",
+             "ptscale.eval.run_eval:run_eval_command"),
+    "analyze": ("singular-value spectra and effective rank (paper 2.3)", "ptscale.analysis.analyze:add_analyze_args",
+                "ptscale.analysis.analyze:run_analyze_command"),
+    "report": ("table of runs (paper table 2)", "ptscale.report:add_report_args", "ptscale.report:run_report_command"),
+    "export": ("trained weights, PEFT-format LoRA, merged model", "ptscale.export_cli:add_export_args",
+               "ptscale.export_cli:run_export_command"),
+}
 
-    add(p)
+
+def _load(where: str):
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def add_cp_args(p: argparse.ArgumentParser) -> None:
-    from ptscale.listing import add_cp_args as add
-
-    add(p)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command with its help line; the arguments of ``command`` only (None: the top-level help)."""
     from ptscale import __version__
 
     parser = argparse.ArgumentParser(
@@ -186,53 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ptscale {__version__}")
     add_global_args(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_train_args(sub.add_parser("train", help="run a PT-PEFT recipe"))
-    add_config_args(sub.add_parser("config", help="print the fully resolved recipe"))
-    add_ls_args(sub.add_parser("ls", help="presets, plans, parameter groups, LoRA targets, recipes, recipe keys"))
-    add_cp_args(sub.add_parser("cp", help="copy a shipped recipe to start from"))
-    from ptscale.eval.score_cli import add_score_subparser
-
-    add_score_subparser(sub)
-    from ptscale.analysis.analyze import add_analyze_args
-    from ptscale.eval.run_eval import add_eval_args
-    from ptscale.export_cli import add_export_args
-    from ptscale.report import add_report_args
-
-    add_eval_args(sub.add_parser("eval", help="caption a saved run's eval split and score it"))
-    add_analyze_args(sub.add_parser("analyze", help="singular-value spectra and effective rank (paper 2.3)"))
-    add_report_args(sub.add_parser("report", help="table of runs (paper table 2)"))
-    add_export_args(sub.add_parser("export", help="trained weights, PEFT-format LoRA, merged model"))
+    for name, (line, arguments, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=line)
+        if name == command:
+            _load(arguments)(p)
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "train":
-        return run_train(args)
-    if args.command == "config":
-        return run_config(args)
-    if args.command in ("ls", "cp"):
-        from ptscale import listing
-
-        return listing.run_ls(args) if args.command == "ls" else listing.run_cp(args)
-    if args.command == "eval":
-        from ptscale.eval.run_eval import run_eval_command
-
-        return run_eval_command(args)
-    if args.command == "analyze":
-        from ptscale.analysis.analyze import run_analyze_command
-
-        return run_analyze_command(args)
-    if args.command == "report":
-        from ptscale.report import run_report_command
-
-        return run_report_command(args)
-    if args.command == "export":
-        from ptscale.export_cli import run_export_command
-
-        return run_export_command(args)
-    from ptscale.eval.score_cli import run_score
-
-    return run_score(args)
+    return _load(COMMANDS[args.command][2])(args)
 
 
 def _split_global(argv: list[str]) -> tuple[list[str], argparse.Namespace]:
@@ -253,11 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in LIGHT_COMMANDS:
         parser = argparse.ArgumentParser(prog=f"ptscale {argv[0]}")
         add_global_args(parser)  # shown in --help; already taken out of argv
-        globals()[LIGHT_COMMANDS[argv[0]]](parser)
+        _load(COMMANDS[argv[0]][1])(parser)
         args = parser.parse_intermixed_args(argv[1:])  # key=value overrides before and after the options
         args.command = argv[0]
     else:
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

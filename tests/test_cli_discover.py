@@ -166,6 +166,15 @@ def test_bare_ptscale_prints_help_and_version_is_known():
     assert proc.returncode == 0 and proc.stdout.startswith("ptscale ")
 
 
+def test_the_top_level_help_imports_no_torch():
+    """Each command's module is imported only when it runs: `ptscale` and `ptscale --help` answer at once."""
+    code = "import sys; from ptscale.cli import main; main([]); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False", proc.stdout + proc.stderr
+    for command in ("score", "eval", "analyze", "report", "export"):
+        assert f"    {command} " in proc.stdout  # every command is listed
+
+
 def test_verbose_and_quiet_exclude_each_other():
     proc = run_cli("config", "-v", "-q")
     assert proc.returncode == 2 and "not allowed with" in proc.stderr

@@ -35,6 +35,12 @@ def add_score_subparser(
 ) -> argparse.ArgumentParser:
     """Register ``score`` (with ``caption`` and ``vqa``) on a parent's ``add_subparsers()`` object."""
     score = subparsers.add_parser("score", help="score saved predictions (COCO captions, VQAv2)")
+    add_score_args(score)
+    return score
+
+
+def add_score_args(score: argparse.ArgumentParser) -> None:
+    """``caption`` and ``vqa`` below ``score``."""
     kinds = score.add_subparsers(dest="score_task", required=True)
 
     cap = kinds.add_parser("caption", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE if available)")
@@ -56,7 +62,6 @@ def add_score_subparser(
                      help='also report top-k accuracy from each entry\'s ranked "answers" list')
     vqa.add_argument("--require-all", action="store_true",
                      help="fail if an annotated question has no prediction")
-    return score
 
 
 def run_score(args: argparse.Namespace) -> int:
