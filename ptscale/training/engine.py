@@ -85,7 +85,23 @@ def load_ds_template(path: str | Path) -> dict:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise RecipeError(f"--ds {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    _check_nvme(path, zero)
     return cfg
+
+
+def _check_nvme(path: Path, zero: dict) -> None:
+    """An NVMe offload needs a writable directory: checked here, not when DeepSpeed first swaps (mid-setup)."""
+    for key in ("offload_param", "offload_optimizer"):
+        offload = zero.get(key)
+        if not isinstance(offload, dict) or offload.get("device") != "nvme":
+            continue
+        where = offload.get("nvme_path")
+        if not where:
+            raise RecipeError(f"--ds {path}: zero_optimization.{key}.device is nvme but nvme_path is not set; "
+                              "set it to a directory on a local NVMe drive")
+        if not Path(where).is_dir() or not os.access(where, os.W_OK):
+            raise RecipeError(f"--ds {path}: zero_optimization.{key}.nvme_path {where}: not a writable directory; "
+                              "create it or point it at one")
 
 
 def _recipe_values(stage: StageConfig, dtype: str, world_size: int) -> dict[str, object]:

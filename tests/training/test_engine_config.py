@@ -33,6 +33,22 @@ def test_optimizer_section_is_refused(tmp_path):
         load_ds_template(path)
 
 
+def test_nvme_offload_needs_a_writable_directory(tmp_path):
+    path = tmp_path / "ds.json"
+
+    def offload(**nvme) -> dict:
+        return {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", **nvme}}}
+
+    path.write_text(json.dumps(offload()))
+    with pytest.raises(RecipeError, match="offload_optimizer.device is nvme but nvme_path is not set"):
+        load_ds_template(path)
+    path.write_text(json.dumps(offload(nvme_path=str(tmp_path / "missing"))))
+    with pytest.raises(RecipeError, match="offload_optimizer.nvme_path .*missing: not a writable directory"):
+        load_ds_template(path)
+    path.write_text(json.dumps(offload(nvme_path=str(tmp_path))))
+    assert load_ds_template(path)["zero_optimization"]["offload_optimizer"]["nvme_path"] == str(tmp_path)
+
+
 def test_warmup_then_linear_decay_to_zero():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=1.0)
