@@ -1,6 +1,6 @@
 """``ptscale``: train (the same entry as launchers/train.py), print a resolved recipe (``config``), score saved
 predictions, evaluate a saved run (``eval``), analyse its representation spectra (``analyze``), tabulate runs
-(``report``) and export weights (``export``).
+(``report``), export weights (``export``) and run the paper's grid of methods x seeds (``grid``).
 
 A user's mistake is one line and an exit code, never a traceback (``--debug`` shows it): 2 for a recipe, an
 option or a directory, 3 for unreadable data or files, 1 when training stopped itself (non-finite values),
@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_args(sub.add_parser("analyze", help="singular-value spectra and effective rank (paper 2.3)"))
     add_report_args(sub.add_parser("report", help="table of runs (paper table 2)"))
     add_export_args(sub.add_parser("export", help="trained weights, PEFT-format LoRA, merged model"))
+    from ptscale.grid import add_grid_args
+
+    add_grid_args(sub.add_parser("grid", help="arms x seeds x tasks at equal budgets: the paper's tables 1, 2 "
+                                              "and figure 4 (README 'Reproducing the paper's tables')"))
     return parser
 
 
@@ -230,6 +234,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ptscale.export_cli import run_export_command
 
         return run_export_command(args)
+    if args.command == "grid":
+        from ptscale.grid import run_grid_command
+
+        return run_grid_command(args)
     from ptscale.eval.score_cli import run_score
 
     return run_score(args)

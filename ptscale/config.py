@@ -40,7 +40,7 @@ class ModelConfig:
                        "pre-trained once and cached, the others are geometries (random weights without model.path)")
     path: str | None = _doc(None, "local HF BLIP-2 checkpoint directory (weights, tokenizer, image processor); "
                             "overrides the preset's weights")
-    pretrain_steps: int = _doc(1500, "pre-training steps of the embedded default backbone (once, cached); "
+    pretrain_steps: int = _doc(2400, "pre-training steps of the embedded default backbone (once, cached); "
                                "0: random weights")
     dtype: Literal["fp32", "bf16", "fp16"] = _doc("fp32", "parameter and compute dtype")
     gradient_checkpointing: bool = _doc(False, "recompute activations in the backward pass (less memory)")
@@ -53,15 +53,17 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: Literal["synthetic", "coco", "flickr30k", "vqav2"] = _doc("synthetic", "the dataset (README 'Data')")
-    task: str = _doc("downstream", "synthetic only: pretrain (the broad distribution) or downstream (the "
-                     "adaptation task)")
+    task: str = _doc("downstream", (
+        "synthetic only: downstream (narrow captioning in a new style), vqa (narrow question answering) or pretrain "
+        "(the broad captions); downstream and vqa are evaluated on a test, a generalisation (gen/) and a retention "
+        "(ret/) group, data.eval_size each (README 'The embedded default')"))
     train_size: int = _doc(1024, "synthetic: the training split's size; real datasets: a cap on the examples "
                            "used (the first N; 0 = all)")
     eval_size: int = _doc(64, "synthetic: the evaluation split's size; real datasets: a cap (the first N; 0 = all)")
     seed: int = _doc(1234, "seed of the synthetic data")
     prompt: str = _doc("", "text before the caption (BLIP-2 uses 'a photo of'); VQA: a template with {} for the "
-                       "question")
-    max_text_len: int = _doc(24, "caption tokens kept per example (a longer caption is cut before its EOS)")
+                       "question. Synthetic: empty keeps each record's own task prompt")
+    max_text_len: int = _doc(32, "caption tokens kept per example (a longer caption is cut before its EOS)")
     on_bad_data: Literal["error", "skip"] = _doc("error", (
         "a missing/corrupt image, an empty caption, ...: error stops the run naming the record (exit 3); skip "
         "drops it and counts it at each epoch end"))
@@ -80,7 +82,7 @@ class DataConfig:
 class EvalConfig:
     before_training: bool = _doc(True, "evaluate the model before the first stage")
     num_beams: int = _doc(5, "beam search width of generation (1: greedy)")
-    max_new_tokens: int = _doc(16, "longest generated caption / answer, in tokens")
+    max_new_tokens: int = _doc(32, "longest generated caption / answer, in tokens")
     min_new_tokens: int = _doc(1, "shortest generated caption / answer, in tokens")
     batch_size: int = _doc(32, "images per generate call, per rank")
 

@@ -24,7 +24,7 @@ from ptscale.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_VERSION = 1  # bump when the pre-training recipe changes: it re-keys the cache
+PRETRAIN_VERSION = 2  # bump when the pre-training recipe changes: it re-keys the cache
 MARKER = "ptscale_backbone.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,10 +50,12 @@ def cache_root() -> Path:
 
 
 def default_backbone_dir(cfg: ModelConfig) -> Path:
+    from ptscale.data.synthetic import DATA_VERSION
     from ptscale.models.presets import PRESETS
 
-    key = json.dumps({"preset": PRESETS[cfg.preset], "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
-                     sort_keys=True)
+    # Everything the cached weights depend on: the geometry, the steps, the pre-training recipe and its data
+    key = json.dumps({"preset": PRESETS[cfg.preset], "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION,
+                      "data": DATA_VERSION}, sort_keys=True)
     return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

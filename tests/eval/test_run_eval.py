@@ -128,3 +128,12 @@ def test_the_run_directory_is_given_once(tmp_path, capsys):
     assert main(["eval"]) == 2
     err = capsys.readouterr().err
     assert "give the run directory once" in err and "name the run directory" in err
+
+
+def test_spice_off_is_a_choice_the_evaluation_accepts(tiny_runs, tmp_path, capsys):  # noqa: F811
+    """Every listed --spice choice reaches the scorer: 'off' used to crash after generation."""
+    assert main(["eval", str(tiny_runs.b), "--spice", "off", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    results, _ = _written(tmp_path)
+    assert "SPICE" not in results["metrics"] and "disabled" in results["unavailable"]["SPICE"]
+    assert "SPICE: n/a" in out and f"eval directory: {tmp_path}" in out
