@@ -57,9 +57,9 @@ class DataConfig:
         "synthetic only: downstream (narrow captioning in a new style), vqa (narrow question answering) or pretrain "
         "(the broad captions); downstream and vqa are evaluated on a test, a generalisation (gen/) and a retention "
         "(ret/) group, data.eval_size each (README 'The embedded default')"))
-    train_size: int = _doc(1024, "synthetic: the training split's size; real datasets: a cap on the examples "
+    train_size: int = _doc(512, "synthetic: the training split's size; real datasets: a cap on the examples "
                            "used (the first N; 0 = all)")
-    eval_size: int = _doc(64, "synthetic: the evaluation split's size; real datasets: a cap (the first N; 0 = all)")
+    eval_size: int = _doc(32, "synthetic: the size of each evaluation group (test, gen, ret); real datasets: a cap (the first N; 0 = all)")
     seed: int = _doc(1234, "seed of the synthetic data")
     prompt: str = _doc("", "text before the caption (BLIP-2 uses 'a photo of'); VQA: a template with {} for the "
                        "question. Synthetic: empty keeps each record's own task prompt")

@@ -90,6 +90,9 @@ class Scored:
 
 ATTRIBUTE_ACCURACY = "AttrAcc"  # share of outputs naming no wrong shape, colour, size or position (synthetic)
 MAIN_GROUP = "test"  # an evaluation suite's group whose metrics keep their plain names
+# Printed beside the headline metrics when an evaluation has them (the synthetic suite's other groups)
+SUITE_HEADLINE = (ATTRIBUTE_ACCURACY, "gen/CIDEr", f"gen/{ATTRIBUTE_ACCURACY}", "gen/VQA_accuracy", "ret/CIDEr",
+                  f"ret/{ATTRIBUTE_ACCURACY}", "ret/VQA_accuracy")
 
 
 def score(preds: dict[str, str], data: EvalData, spice: str = "auto") -> Scored:

@@ -38,7 +38,7 @@ from ptscale.data.bad_data import BadDataReport, Collated, EmptySplitError, coll
 from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
 from ptscale.errors import RunInterrupted, TrainingStopped
-from ptscale.eval.evaluate import eval_data, generate_gathered, score
+from ptscale.eval.evaluate import SUITE_HEADLINE, eval_data, generate_gathered, score
 from ptscale.models.backbone import resolve_source
 from ptscale.models.build import build_model, check_buildable
 from ptscale.models.feature_cache import VisionFeatureCache, cache_for_stage
@@ -495,7 +495,7 @@ class PTPEFTRecipe:
             write_text_atomic(self.run_dir / f"captions-{safe}.json", json.dumps(scored.rows, indent=1))
             self.logger.log(step, {"kind": "eval", "stage": point, **metrics})
             tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                       if k in METRICS + VQA_METRICS))
+                                                       if k in METRICS + VQA_METRICS + SUITE_HEADLINE))
             self._write_results()
         self.results = ds.broadcast_object(self.results)
         ds.barrier()
@@ -525,6 +525,7 @@ class PTPEFTRecipe:
 
 def results_table(results: list[EvalPoint]) -> str:
     names = VQA_METRICS if any("VQA_accuracy" in r.metrics for r in results) else METRICS
+    names += tuple(m for m in SUITE_HEADLINE if any(m in r.metrics for r in results))
     head = ["evaluated", "trainable", "share %", *names]
     rows = [[r.point, f"{r.trainable:,}", f"{100 * r.trainable / r.total:.3f}",
              *(f"{r.metrics.get(m, float('nan')):.4f}" for m in names)] for r in results]
