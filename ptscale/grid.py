@@ -545,11 +545,17 @@ def grid_spec(args: argparse.Namespace) -> GridSpec:
         raise RecipeError(f"--epochs: must be > 0, got {args.epochs}")
     spec = GridSpec(args.out, arms, list(args.seeds), list(args.tasks), args.epochs, args.first_share,
                     list(args.common), not args.no_ceiling, args.analysis_samples)
-    # every run's recipe is checked before the first one trains (a typo fails now, not an hour in)
-    for job in jobs(spec):
-        overrides = [o for o in job.command[job.command.index("--quiet") + 1:]
-                     if not o.startswith(("output_dir=", "run_name="))]
-        load_recipe(None, overrides)
+    # every run's recipe is checked before the first one trains (a typo fails now, not an hour in); quietly:
+    # each run logs its own notes (e.g. "prefix.lengths ignored") when it starts
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        for job in jobs(spec):
+            overrides = [o for o in job.command[job.command.index("--quiet") + 1:]
+                         if not o.startswith(("output_dir=", "run_name="))]
+            load_recipe(None, overrides)
+    finally:
+        log.setLevel(level)
     return spec
 
 
