@@ -59,7 +59,8 @@ class DataConfig:
         "(ret/) group, data.eval_size each (README 'The embedded default')"))
     train_size: int = _doc(512, "synthetic: the training split's size; real datasets: a cap on the examples "
                            "used (the first N; 0 = all)")
-    eval_size: int = _doc(32, "synthetic: the size of each evaluation group (test, gen, ret); real datasets: a cap (the first N; 0 = all)")
+    eval_size: int = _doc(32, "synthetic: the size of each evaluation group (test, gen, ret); real datasets: a cap "
+                          "(the first N; 0 = all)")
     seed: int = _doc(1234, "seed of the synthetic data")
     prompt: str = _doc("", "text before the caption (BLIP-2 uses 'a photo of'); VQA: a template with {} for the "
                        "question. Synthetic: empty keeps each record's own task prompt")
