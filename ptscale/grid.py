@@ -174,9 +174,10 @@ class Job:
 
 def jobs(spec: GridSpec) -> list[Job]:
     out = []
+    # seed-major: a grid stopped part-way has every arm of its first seeds (paired comparisons stay possible)
     for task in spec.tasks:
-        for a, arm in enumerate(spec.arms):
-            for s, seed in enumerate(spec.seeds):
+        for s, seed in enumerate(spec.seeds):
+            for a, arm in enumerate(spec.arms):
                 overrides = train_overrides(spec, task, arm, seed, before=a == 0 and s == 0)
                 out.append(Job(task, arm, seed, spec.run_dir(task, arm, seed), train_command(overrides)))
     if spec.ceiling:
@@ -491,7 +492,9 @@ def write_tables(spec: GridSpec, all_jobs: list[Job], analyses: dict[str, dict[s
     text = (f"# PT-PEFT findings on the embedded default\n\nProduced by `{shlex.join(argv)}` "
             f"(every run's command: `commands.txt`). Arms: {len(spec.arms)}, seeds: {spec.seeds}, tasks: "
             f"{spec.tasks}, {spec.epochs:g} epochs per arm in all. Runs trained this time: {len(timing['ran'])} "
-            f"({timing['seconds']:.0f} s), skipped as finished: {len(timing['skipped'])}.\n\n"
+            f"({timing['seconds']:.0f} s), skipped as finished: {len(timing['skipped'])}."
+            + (f" **Not finished, left out (a partial grid):** {', '.join(timing['missing'])}."
+               if timing.get("missing") else "") + "\n\n"
             f"## Table 2: scores\n\n{t2}\n## Paired differences: PT-X minus X\n\n{td}\n"
             f"## Retention and generalisation, relative to the pre-trained model\n\n{tr}\n"
             f"## Table 1: effective rank of the last-layer features\n\n{t1}\n## Figure 4\n\n{figs}\n")
@@ -499,12 +502,26 @@ def write_tables(spec: GridSpec, all_jobs: list[Job], analyses: dict[str, dict[s
     return spec.out / "findings.md"
 
 
-def run_grid(spec: GridSpec, argv: list[str]) -> Path:
+def run_grid(spec: GridSpec, argv: list[str], tables_only: bool = False) -> Path:
+    """Train what is unfinished (unless ``tables_only``), analyse, and write the tables of the finished runs."""
     all_jobs = jobs(spec)
-    timing = run_jobs(all_jobs, spec.out / "logs")
+    if tables_only:
+        missing = [j for j in all_jobs if not is_finished(j.run_dir)]
+        for j in missing:
+            log.warning("grid --tables-only: %s (%s, seed %d) is not finished; left out of the tables",
+                        j.run_dir, j.arm.name, j.seed)
+        all_jobs = [j for j in all_jobs if j not in missing]
+        if not any(j.role == "arm" for j in all_jobs):
+            raise RecipeError(f"grid --tables-only: no finished run under {spec.out / 'runs'}; run the grid first")
+        timing = {"ran": [], "skipped": [str(j.run_dir) for j in all_jobs], "seconds": 0.0,
+                  "missing": [f"{j.task}/{j.arm.name}/seed{j.seed}" for j in missing]}
+    else:
+        timing = run_jobs(all_jobs, spec.out / "logs")
     analyses = {}
     for task in spec.tasks:
         dirs = [j.run_dir for j in all_jobs if j.task == task and j.role == "arm"]
+        if not dirs:
+            continue
         log.info("grid: representation analysis of %d runs of task %s", len(dirs), task)
         analyses[task] = json.loads(analyse(spec, task, dirs).read_text())
     return write_tables(spec, all_jobs, analyses, timing, argv)
@@ -526,6 +543,8 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="common",
                    help="a recipe override for every run (repeatable)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the ceiling row (full FT on the broad data)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="train nothing: analyse and tabulate the finished runs only, naming the missing ones")
     p.add_argument("--analysis-samples", type=int, default=None,
                    help="evaluation samples the spectra are computed on (default: all of the suite)")
 
@@ -562,7 +581,7 @@ def grid_spec(args: argparse.Namespace) -> GridSpec:
 def run_grid_command(args: argparse.Namespace) -> int:
     spec = grid_spec(args)
     t0 = time.time()
-    path = run_grid(spec, ["ptscale", "grid", *_argv_of(args)])
+    path = run_grid(spec, ["ptscale", "grid", *_argv_of(args)], args.tables_only)
     print(f"grid: {time.time() - t0:.0f} s; tables and figures: {path.parent} ({path.name})")
     return 0
 
@@ -580,6 +599,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out += ["--set", c]
     if args.no_ceiling:
         out.append("--no-ceiling")
+    if args.tables_only:
+        out.append("--tables-only")
     if args.analysis_samples is not None:
         out += ["--analysis-samples", str(args.analysis_samples)]
     return out

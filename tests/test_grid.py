@@ -148,3 +148,23 @@ def test_tables_csv_and_figure(tmp_path) -> None:
     assert len(lora) == 9 and all(float(r["crossing_percent_of_pretrained"]) < 100 for r in lora)
     assert (spec.out / "figure4_downstream.png").stat().st_size > 0
     assert "launchers/train.py" in (spec.out / "commands.txt").read_text()
+
+
+def test_tables_only_tabulates_the_finished_runs_and_names_the_missing(tmp_path, monkeypatch) -> None:
+    spec = _spec(tmp_path)
+    all_jobs = jobs(spec)
+    for job in all_jobs[:5]:  # seed-major: seed 2 of prefix->lora is the last job and is not finished
+        _finish(job)
+    assert [(j.arm.name, j.seed) for j in all_jobs[4:]] == [("lora", 2), ("prefix->lora", 2)]
+
+    def fake_analyse(spec_, task, dirs):
+        path = tmp_path / "analysis.json"
+        path.write_text(json.dumps(_analysis([j for j in all_jobs if j.run_dir in dirs])))
+        return path
+
+    monkeypatch.setattr(grid, "analyse", fake_analyse)
+    monkeypatch.setattr(grid.subprocess, "call", lambda *a, **k: pytest.fail("--tables-only must train nothing"))
+    text = grid.run_grid(spec, ["ptscale", "grid"], tables_only=True).read_text()
+    assert "**Not finished, left out (a partial grid):** downstream/prefix->lora/seed2." in text
+    assert "| prefix->lora − lora | 2 |" in text  # two complete pairs
+    assert "| lora | LoRA r16 Q-Former query/key/value; LoRA r16 LM q_proj/k_proj/v_proj | 3 |" in text

@@ -318,7 +318,8 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", default=PRETRAINED, metavar="pretrained|RUN_DIR",
                    help="the model the effective ranks are relative to (default: the pre-trained backbone)")
     p.add_argument("--samples", type=int, default=None,
-                   help="samples of the split (default: the split's size in the first run's recipe)")
+                   help="samples of the split (default: the split's size in the first run's recipe; the synthetic "
+                        "suite: per group)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
     p.add_argument("--split", default="eval", help="data split (default: eval)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
