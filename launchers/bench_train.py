@@ -45,9 +45,9 @@ from ptscale.models.backbone import resolve_source
 from ptscale.models.build import build_model
 from ptscale.models.feature_cache import VisionFeatureCache
 from ptscale.models.groups import numel, set_trainable
-from ptscale.models.sharded import build_backbone, cast_added_parameters
 from ptscale.prefix import attention as prefix_attention
 from ptscale.training import engine as ds
+from ptscale.training.sharded import build_backbone, cast_added_parameters
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor specs
 

@@ -519,9 +519,9 @@ def step_training(args) -> int:
     from ptscale.models.backbone import resolve_source
     from ptscale.models.build import build_model
     from ptscale.models.groups import set_trainable
-    from ptscale.models.sharded import build_backbone, cast_added_parameters
     from ptscale.prefix import attention
     from ptscale.training import engine as ds
+    from ptscale.training.sharded import build_backbone, cast_added_parameters
 
     report = _metadata(args.smoke) | {"step": "training", "phases": {}, "rows": [], "errors": []}
     try:

@@ -6,7 +6,7 @@
 Parameter counts are exact: each preset is built on the meta device (no memory) with the prefixes
 (8 in the Q-Former, 8 in OPT, MLP re-parameterisation) and LoRA (r=16 on the Q-Former query/key/value)
 of the default recipe, and every parameter is assigned to its group by ptscale.models.groups.
-Bytes follow ptscale.models.memory_plan.plan_rank (bf16 weights and gradient partitions; fp32 master and
+Bytes follow ptscale.training.memory_plan.plan_rank (bf16 weights and gradient partitions; fp32 master and
 Adam moments for trainables only; DeepSpeed's reduce bucket and live-parameter budget read from the
 DeepSpeed JSONs); activations are excluded and reported as the headroom left for them. DeepSpeed's
 own estimator (which assumes every parameter trains) is printed alongside for comparison.
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ptscale.models.memory import gib
-from ptscale.models.memory_plan import (
+from ptscale.training.memory_plan import (
     STAGE_PLANS,
     ParamCounts,
     RankPlan,

@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 launchers/scale_smoke.py                      # blip2-opt-2.7b, bf16
     deepspeed --num_gpus 2 launchers/scale_smoke.py --preset tiny-blip2-opt --report /tmp/smoke.txt
 
-The preset gets random weights under zero.Init (ptscale.models.sharded.build_sharded_backbone), is wrapped
+The preset gets random weights under zero.Init (ptscale.training.sharded.build_sharded_backbone), is wrapped
 in PrefixTunedModel (8 prefixes in the Q-Former, 8 in OPT) with LoRA on the Q-Former's query/key/value,
 and trains ONE step of ``prefix`` and one of ``prefix+lora`` (batch size 1 per rank, one short synthetic
 caption, images resized to the preset's resolution), one DeepSpeed engine per stage as in the recipe.
@@ -24,14 +24,14 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from ptscale.config import LoraConfig, PrefixConfig, StageConfig
-from ptscale.data.collate import CaptionCollator
+from ptscale.config import DataConfig, LoraConfig, PrefixConfig, StageConfig
+from ptscale.data.collate import make_collator
 from ptscale.data.synthetic import make_split
 from ptscale.models.groups import group_of, set_trainable
 from ptscale.models.memory import gib, memory_report, reset_peaks, return_freed_memory_promptly
-from ptscale.models.sharded import build_sharded_backbone, cast_added_parameters
 from ptscale.prefix.model import PrefixTunedModel
 from ptscale.training import engine as ds
+from ptscale.training.sharded import build_sharded_backbone, cast_added_parameters
 from ptscale.tuners.lora import inject_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,8 +117,7 @@ def main(argv: list[str]) -> int:
     say(f"construction: {time.time() - t0:.1f} s, {total:,} parameters (prefixes and LoRA included)")
     per_rank("construction")
 
-    collator = CaptionCollator(backbone.image_processor, backbone.tokenizer, backbone.num_query_tokens,
-                               backbone.image_token_id, max_text_len=args.max_text_len)
+    collator = make_collator(backbone, DataConfig(max_text_len=args.max_text_len))
     records = make_split("downstream", dist.world_size, seed=0, split="train")
     # A different caption per rank, batch size 1; only the model inputs (the collator adds bookkeeping keys).
     batch = {k: v for k, v in collator.train_batch([records[dist.rank]]).items() if isinstance(v, torch.Tensor)}

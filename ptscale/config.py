@@ -38,8 +38,11 @@ log = logging.getLogger("ptscale")
 class ModelConfig:
     preset: str = _doc("tiny-blip2-opt", "a named architecture (`ptscale ls presets`); tiny-blip2-opt is "
                        "pre-trained once and cached, the others are geometries (random weights without model.path)")
-    path: str | None = _doc(None, "local HF BLIP-2 checkpoint directory (weights, tokenizer, image processor); "
-                            "overrides the preset's weights")
+    path: str | None = _doc(None, "local HF checkpoint directory (weights, tokenizer; BLIP-2 also its image "
+                            "processor): BLIP-2, OPT, Llama, Qwen2 or T5; overrides the preset's weights")
+    family: str | None = _doc(None, (
+        "blip2, opt, llama, qwen2 or t5 (ptscale.models.families); null: detected from model.path's config.json "
+        "model_type, else the preset's. A language-model family trains on text data (data.name: text)"))
     pretrain_steps: int = _doc(2400, "pre-training steps of the embedded default backbone (once, cached); "
                                "0: random weights")
     dtype: Literal["fp32", "bf16", "fp16"] = _doc("fp32", "parameter and compute dtype")
@@ -52,11 +55,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "coco", "flickr30k", "vqav2"] = _doc("synthetic", "the dataset (README 'Data')")
+    name: Literal["synthetic", "coco", "flickr30k", "vqav2", "text", "synthetic-text"] = _doc("synthetic", (
+        "the dataset (README 'Data'); text: local text files (data.train_file / data.eval_file) for a language "
+        "model; synthetic-text: the text default's built-in tasks (README 'The text default')"))
     task: str = _doc("downstream", (
-        "synthetic only: downstream (narrow captioning in a new style), vqa (narrow question answering) or pretrain "
+        "synthetic: downstream (narrow captioning in a new style), vqa (narrow question answering) or pretrain "
         "(the broad captions); downstream and vqa are evaluated on a test, a generalisation (gen/) and a retention "
-        "(ret/) group, data.eval_size each (README 'The embedded default')"))
+        "(ret/) group, data.eval_size each (README 'The embedded default'). synthetic-text: pretrain (the broad "
+        "distribution) or downstream (the adaptation task)"))
     train_size: int = _doc(512, "synthetic: the training split's size; real datasets: a cap on the examples "
                            "used (the first N; 0 = all)")
     eval_size: int = _doc(32, "synthetic: the size of each evaluation group (test, gen, ret); real datasets: a cap "
@@ -64,7 +70,8 @@ class DataConfig:
     seed: int = _doc(1234, "seed of the synthetic data")
     prompt: str = _doc("", "text before the caption (BLIP-2 uses 'a photo of'); VQA: a template with {} for the "
                        "question. Synthetic: empty keeps each record's own task prompt")
-    max_text_len: int = _doc(32, "caption tokens kept per example (a longer caption is cut before its EOS)")
+    max_text_len: int = _doc(32, "caption tokens kept per example (a longer caption is cut before its EOS); text: the "
+                             "longest record in tokens (prompt + completion), a longer one is bad data")
     on_bad_data: Literal["error", "skip"] = _doc("error", (
         "a missing/corrupt image, an empty caption, ...: error stops the run naming the record (exit 3); skip "
         "drops it and counts it at each epoch end"))
@@ -77,6 +84,20 @@ class DataConfig:
     vqa_train_annotations: str | None = _doc(None, "vqav2: the official annotations JSON of the training split")
     vqa_eval_questions: str | None = _doc(None, "vqav2: the official questions JSON of the evaluation split")
     vqa_eval_annotations: str | None = _doc(None, "vqav2: the official annotations JSON of the evaluation split")
+    train_file: str | None = _doc(None, (
+        "text: the training data, a local .jsonl / .json / .parquet / .csv file, or a directory written by "
+        "datasets' save_to_disk (then its split data.train_split)"))
+    eval_file: str | None = _doc(None, (
+        "text: the held-out data, a file as data.train_file; null with a saved dataset directory: its split "
+        "data.eval_split"))
+    prompt_column: str = _doc("prompt", "text: the column holding the prompt (no loss on it)")
+    completion_column: str = _doc("completion", (
+        "text: the column holding the completion (the loss is on it; a file without it is plain text, read from "
+        "data.text_column)"))
+    text_column: str = _doc("text", "text: the column of plain language-model text (loss on every token)")
+    chat_template: Literal["auto", "never"] = _doc("auto", (
+        "text: auto wraps each prompt in the tokenizer's chat template (as a user turn) where the tokenizer has "
+        "one; never uses the prompt as it is"))
 
 
 @dataclass
@@ -335,6 +356,7 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
     # the group names are owned by the model side
     from ptscale.models.groups import GROUP_ALIASES, GROUPS, expand_groups
 
+    family = _family(cfg, explicit)
     check_prefix(cfg.prefix)
     check_lora(cfg.lora)
     if not cfg.stages:
@@ -349,7 +371,11 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
             if group not in GROUPS and group not in GROUP_ALIASES:
                 known = ", ".join((*GROUPS, *GROUP_ALIASES))
                 raise RecipeError(f"{key}.train: unknown parameter group {group!r}; known: {known}")
-        stage.train = expand_groups(stage.train)
+        stage.train = expand_groups(stage.train, {"full": family.full})
+        if missing := [g for g in stage.train if g not in family.groups]:
+            raise RecipeError(f"{key}.train: the {family.name} model has no {', '.join(map(repr, missing))} "
+                              f"parameters; its groups: {', '.join(family.groups)} "
+                              f"(and full = {' + '.join(family.full)})")
         if cfg.model.quantization != "none" and (frozen := set(stage.train) & set(QUANTIZED_GROUPS)):
             raise RecipeError(f"{key}.train: trains {', '.join(sorted(frozen))}, whose Linear weights are stored "
                               f"quantized (model.quantization={cfg.model.quantization}) and cannot train; train "
@@ -364,17 +390,60 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         _check_stage(stage, key)
     _drop_unused(cfg, explicit)
     _check_run(cfg)
-    from ptscale.models.presets import PRESETS
-
-    if cfg.model.preset not in PRESETS:
-        raise RecipeError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)} "
-                          "(`ptscale ls presets`)")
     _validate_quantization(cfg)
     _validate_data(cfg.data)
     if cfg.eval.num_beams < 1:
         raise RecipeError(f"eval.num_beams: must be >= 1, got {cfg.eval.num_beams}")
     if cfg.eval.min_new_tokens > cfg.eval.max_new_tokens:
         raise RecipeError("eval.min_new_tokens: larger than eval.max_new_tokens")
+
+
+def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
+    """Resolve ``model.family`` (recorded in the run's recipe) and give a language-model family its own defaults
+    for what the user did not set: prefixes in the language model only, LoRA on its q / v projections
+    (``ptscale.models.families``). Text data and language models go together."""
+    from ptscale.models.families import FAMILIES, resolve_family
+    from ptscale.models.presets import PRESETS, TEXT_PRESETS, preset_family
+
+    m = cfg.model
+    if m.preset not in PRESETS and m.preset not in TEXT_PRESETS:
+        known = ", ".join([*PRESETS, *TEXT_PRESETS])
+        raise RecipeError(f"model.preset: unknown preset {m.preset!r}; known: {known} (`ptscale ls presets`)")
+    family = FAMILIES[resolve_family(m.family, m.path, preset_family(m.preset))]
+    if m.path is None and family.name != preset_family(m.preset):
+        raise RecipeError(f"model.family={family.name}, but preset {m.preset} is a {preset_family(m.preset)} model "
+                          f"and there is no model.path; set model.path to a {family.model_type} checkpoint")
+    m.family = family.name
+    if family.is_language_model:
+        cfg.prefix.lengths = _family_mapping(cfg.prefix.lengths, PrefixConfig().lengths, family.prefix_lengths,
+                                             "prefix.lengths", explicit)
+        cfg.lora.targets = _family_mapping(cfg.lora.targets, LoraConfig().targets, family.lora_targets,
+                                           "lora.targets", explicit)
+        if cfg.data.name not in TEXT_DATA:
+            raise RecipeError(f"data.name: {cfg.data.name} is image data, but model.family {family.name} is a language "
+                              "model; set data.name: text with data.train_file (README 'Language models')")
+        if m.path is None and m.pretrain_steps == 0:
+            raise RecipeError(f"model.pretrain_steps: 0 (random weights) is for BLIP-2 geometries; the text preset "
+                              f"{m.preset} is pre-trained (> 0 steps) or loaded from model.path")
+    elif cfg.data.name in TEXT_DATA:
+        raise RecipeError(f"data.name: text trains a language model, but the model is {family.name}; set model.path to "
+                          "a language-model checkpoint (opt, llama, qwen2, t5)")
+    return family
+
+
+TEXT_DATA = ("text", "synthetic-text")  # what a language model trains on
+
+
+def _family_mapping(value: dict, blip2: dict, family: dict, key: str, explicit: set[str] | frozenset[str]) -> dict:
+    """A mapping-valued setting (prefix.lengths, lora.targets) for a language model: the family's default where
+    the user set nothing; else what the user set, without the BLIP-2 default entries an override kept
+    (``lora.targets.language_model=[k_proj]`` alone means no Q-Former entry)."""
+    if not _set_under(explicit, key) and value == blip2:
+        return {k: v if isinstance(v, int) else list(v) for k, v in family.items()}
+    if key in explicit:  # given whole (a recipe file's mapping replaces the default)
+        return value
+    towers = ("qformer", "vision")  # BLIP-2's own components: a language model has none
+    return {k: v for k, v in value.items() if k not in towers or f"{key}.{k}" in explicit}
 
 
 def _positive(value: float, key: str, *, zero_ok: bool = False) -> None:
@@ -489,6 +558,18 @@ def _validate_data(d: DataConfig) -> None:
         return
     if d.train_size < 0 or d.eval_size < 0:
         raise RecipeError("data.train_size / data.eval_size: caps must be >= 0 (0 = the whole split)")
+    if d.name == "text":
+        _validate_text_data(d)
+        return
+    if d.name == "synthetic-text":
+        from ptscale.data.synthetic_text import TEXT_TASKS
+
+        if d.task not in TEXT_TASKS:
+            raise RecipeError(f"data.task: unknown synthetic-text task {d.task!r}; known: {', '.join(TEXT_TASKS)}")
+        if d.train_size <= 0 or d.eval_size <= 0:
+            raise RecipeError("data.train_size / data.eval_size: must be > 0 (an empty split cannot train or "
+                              "evaluate)")
+        return
     if d.name in ("coco", "flickr30k"):
         for key in ("train_split", "eval_split"):
             if getattr(d, key) not in KARPATHY_SPLITS:
@@ -502,6 +583,23 @@ def _validate_data(d: DataConfig) -> None:
             raise RecipeError(f"data.{key}: {value} does not exist")
     if d.name == "vqav2" and d.prompt and "{}" not in d.prompt:
         raise RecipeError(f"data.prompt: a VQA prompt needs a {{}} for the question, got {d.prompt!r}")
+
+
+def _validate_text_data(d: DataConfig) -> None:
+    """The files exist (their contents are read, and checked, with the data: exit 3 there)."""
+    if d.train_file is None:
+        raise RecipeError("data.train_file: required for data.name=text (a .jsonl / .parquet / .csv file, or a "
+                          "datasets save_to_disk directory)")
+    for key in ("train_file", "eval_file"):
+        value = getattr(d, key)
+        if value is not None and not Path(value).exists():
+            raise RecipeError(f"data.{key}: {value} does not exist")
+    if d.eval_file is None and not Path(d.train_file).is_dir():
+        raise RecipeError("data.eval_file: required when data.train_file is a file (a saved dataset directory "
+                          "gives its split data.eval_split instead)")
+    columns = {k: getattr(d, k) for k in ("prompt_column", "completion_column", "text_column")}
+    if empty := [k for k, v in columns.items() if not v]:
+        raise RecipeError(f"data.{empty[0]}: empty; name a column of the data files")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -49,6 +50,16 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_agree(ok: bool) -> bool:
+    """True on every rank when ``ok`` holds on every rank (``ok`` itself without a process group): ranks that
+    must take the same branch (forward, backward and step are collectives under ZeRO) decide together."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([float(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def gather_objects(obj) -> list:

@@ -95,20 +95,49 @@ def meta_model(preset: str | None, path: str | None) -> Any:
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     from ptscale.config import PrefixConfig
-    from ptscale.models.presets import PRESETS, blip2_config
+    from ptscale.models.presets import blip2_config
     from ptscale.prefix.model import PrefixTunedModel
 
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise RecipeError(f"--path {path}: no config.json (a HF checkpoint directory)")
+    family = _family(preset, path)
+    if family.is_language_model:
+        with torch.device("meta"):
+            return PrefixTunedModel(_meta_language_model(family.name, preset, path),
+                                    PrefixConfig(lengths=dict(family.prefix_lengths)))
     if path is not None:
-        if not (Path(path) / "config.json").is_file():
-            raise RecipeError(f"--path {path}: no config.json (a HF BLIP-2 checkpoint directory)")
         config = Blip2Config.from_pretrained(path)
     else:
         preset = preset or DEFAULT_PRESET
-        if preset not in PRESETS:
-            raise RecipeError(f"--model {preset}: unknown preset; known: {', '.join(PRESETS)}")
         config = blip2_config(preset, vocab_size=_vocab_size(preset))
     with torch.device("meta"):
         return PrefixTunedModel(Blip2ForConditionalGeneration(config), PrefixConfig())
+
+
+def _meta_language_model(family: str, preset: str | None, path: str | None) -> Any:
+    """A language model from a checkpoint's config, or the text preset's geometry (its word vocabulary)."""
+    if path is not None:
+        from transformers import AutoConfig
+
+        from ptscale.models.backbone import new_model
+
+        return new_model(family, AutoConfig.from_pretrained(path))
+    from ptscale.models.pretrain_text import new_text_model
+
+    return new_text_model(preset)[0]
+
+
+def _family(preset: str | None, path: str | None):
+    """The model family of ``--path`` (detected from its config.json), else of the preset."""
+    from ptscale.models.families import FAMILIES, family_of_checkpoint
+    from ptscale.models.presets import PRESETS, TEXT_PRESETS, preset_family
+
+    if path is not None:
+        return FAMILIES[family_of_checkpoint(path) or "blip2"]
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS and preset not in TEXT_PRESETS:
+        raise RecipeError(f"--model {preset}: unknown preset; known: {', '.join([*PRESETS, *TEXT_PRESETS])}")
+    return FAMILIES[preset_family(preset)]
 
 
 def group_sizes(preset: str | None, path: str | None) -> dict[str, int]:
@@ -118,7 +147,8 @@ def group_sizes(preset: str | None, path: str | None) -> dict[str, int]:
     from ptscale.tuners.lora import inject_lora
 
     model = meta_model(preset, path)
-    inject_lora(model, LoraConfig())
+    family = _family(preset, path)
+    inject_lora(model, LoraConfig(targets=family.lora_targets) if family.is_language_model else LoraConfig())
     return sizes(model)
 
 
@@ -129,8 +159,9 @@ def lora_targets(model: Any) -> dict[str, dict[str, int]]:
 
     from ptscale.tuners.lora import COMPONENT_ROOTS
 
+    roots = COMPONENT_ROOTS if hasattr(model.base, "qformer") else {"language_model": "base."}  # a standalone LM
     out: dict[str, dict[str, int]] = {}
-    for component, root in COMPONENT_ROOTS.items():
+    for component, root in roots.items():
         found: dict[str, int] = {}
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name.startswith(root) and ".lora_" not in name:
@@ -150,9 +181,13 @@ def _table(rows: list[list[str]], indent: str = "  ") -> str:
 
 
 def show_presets() -> str:
-    from ptscale.models.presets import PRESETS
+    from ptscale.models.presets import PRESETS, TEXT_PRESETS
 
     rows = [[name + (" (default)" if name == DEFAULT_PRESET else ""), preset_summary(name)] for name in PRESETS]
+    for name, c in TEXT_PRESETS.items():  # language models (the text default: ptscale/recipes/text-default.yaml)
+        rows.append([name, f"LM {c['model_type'].upper()} {c['num_hidden_layers']}x{c['hidden_size']}, "
+                           f"{c['num_attention_heads']} query / {c['num_key_value_heads']} KV heads; pre-trained once "
+                           "and cached (the text default)"])
     return "presets (model.preset):\n" + _table(rows)
 
 
@@ -163,14 +198,16 @@ def show_plans() -> str:
 
 
 def show_groups(preset: str | None, path: str | None) -> str:
-    from ptscale.models.groups import GROUP_ALIASES, GROUPS
+    from ptscale.models.groups import GROUPS
 
     sizes = group_sizes(preset, path)
     total = sum(sizes.values())
-    rows = [[g, f"{sizes[g]:,}", f"{100 * sizes[g] / total:.2f}%"] for g in GROUPS]
+    family = _family(preset, path)
+    groups = [g for g in GROUPS if g in family.groups]
+    rows = [[g, f"{sizes[g]:,}", f"{100 * sizes[g] / total:.2f}%"] for g in groups]
     rows = [[g, "set by adapter.bottleneck / adapter.budget", ""] if g == "adapter" else r
-            for g, r in zip(GROUPS, rows, strict=True)]
-    for alias, members in GROUP_ALIASES.items():
+            for g, r in zip(groups, rows, strict=True)]
+    for alias, members in {"full": family.full}.items():
         n = sum(sizes[g] for g in members)
         rows.append([alias, f"{n:,}", f"{100 * n / total:.2f}%", "= " + " + ".join(members)])
     rows = [r + [""] * (4 - len(r)) for r in rows]
@@ -181,15 +218,23 @@ def show_groups(preset: str | None, path: str | None) -> str:
 
 def show_targets(preset: str | None, path: str | None) -> str:
     from ptscale.config import LoraConfig
+    from ptscale.models.families import FAMILIES
 
-    defaults = LoraConfig().targets
+    family = _family(preset, path)
+    defaults = family.lora_targets if family.is_language_model else LoraConfig().targets
     lines = [f"LoRA targets (lora.targets.<component>: [names]) of {path or preset or DEFAULT_PRESET}; a name "
              "matches module paths ending in it, * = default:"]
     for component, found in lora_targets(meta_model(preset, path)).items():
         lines.append(f"  {component}:")
-        rows = [[("* " if t in defaults.get(component, []) else "  ") + t, f"{n} module{'s' * (n != 1)}"]
-                for t, n in sorted(found.items())]
+        chosen = defaults.get(component, [])  # a default matches a listed name ending in it on a dot boundary
+        rows = [[("* " if any(t == d or t.endswith("." + d) for d in chosen) else "  ") + t,
+                 f"{n} module{'s' * (n != 1)}"] for t, n in sorted(found.items())]
         lines.append(_table(rows, indent="    ") if rows else "    (no Linear modules)")
+    if path is None:  # the language-model families' defaults (a checkpoint of one: --path DIR)
+        lms = [f for f in FAMILIES.values() if f.is_language_model]
+        lines.append("  language models (model.path of an " + " / ".join(f.name for f in lms) + " checkpoint): " +
+                     "; ".join(f"{f.name} " + ", ".join(f"lora.targets.{c}: {' '.join(t)}"
+                                                         for c, t in f.lora_targets.items()) for f in lms))
     return "\n".join(lines)
 
 

@@ -40,8 +40,11 @@ RANK_COLUMN = "Eff. rank (% of ref.)"
 # Known metrics in table order, with their column names; BLEU-4, CIDEr, SPICE and VQA accuracy (the paper's
 # table 2) always get a column, the others when some run recorded them. Unknown metrics follow by name.
 METRIC_COLUMNS = {"Bleu_1": "B1", "Bleu_2": "B2", "Bleu_3": "B3", "Bleu_4": "B4", "METEOR": "M",
-                  "ROUGE_L": "R", "CIDEr": "C", "SPICE": "S", VQA_METRIC: "VQA acc."}
+                  "ROUGE_L": "R", "CIDEr": "C", "SPICE": "S", VQA_METRIC: "VQA acc.",
+                  "loss": "Loss", "perplexity": "PPL", "exact_match": "EM"}
 ALWAYS = ("Bleu_4", "CIDEr", "SPICE", VQA_METRIC)
+TEXT_METRIC = "perplexity"  # recorded by every text evaluation (ptscale.eval.text): the mark of a text run
+UNSCALED = (VQA_METRIC, "loss", "perplexity")  # printed as recorded (VQA in percent; loss in nats)
 RUN_COLUMNS = ("Run", "Plan", "Placement", "Seed", "Method", "Length", "Point", "Step", "Trainable", "Eval data",
                "Split", "N", "Beams", "Differs")
 COLUMNS = RUN_COLUMNS + tuple(METRIC_COLUMNS[m] for m in ALWAYS) + (RANK_COLUMN,)  # the narrowest table
@@ -247,8 +250,12 @@ def flag_differences(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _is_text(row: Row) -> bool:
+    return bool(row.evaluation) and TEXT_METRIC in row.evaluation.get("metrics", {})
+
+
 def metric_names(rows: list[Row]) -> list[str]:
-    seen = set(ALWAYS)
+    seen = set() if rows and all(map(_is_text, rows)) else set(ALWAYS)  # a text-only report: no caption columns
     for r in rows:
         if r.evaluation:
             seen |= set(r.evaluation.get("metrics", {})) | set(r.evaluation.get("unavailable", {}))
@@ -261,8 +268,9 @@ def _text(value: Any) -> str:
 
 
 def _metric_value(name: str, value: float) -> float:
-    """As the paper prints them: captioning scores x100; VQA accuracy is recorded in percent already."""
-    return value if name == VQA_METRIC else 100 * value
+    """As the paper prints them: captioning scores (and exact match) x100; VQA accuracy is recorded in percent
+    already; a loss and a perplexity are not fractions."""
+    return value if name in UNSCALED else 100 * value
 
 
 def _metric_cell(row: Row, name: str, notes: dict[tuple[str, str], list[str]]) -> str:
@@ -273,7 +281,9 @@ def _metric_cell(row: Row, name: str, notes: dict[tuple[str, str], list[str]]) -
         return "n/a"
     metrics, unavailable = row.evaluation.get("metrics", {}), row.evaluation.get("unavailable", {})
     if name in metrics:
-        return f"{_metric_value(name, metrics[name]):.1f}"
+        return f"{_metric_value(name, metrics[name]):.{3 if name in ('loss', 'perplexity') else 1}f}"
+    if TEXT_METRIC in metrics:
+        return "n/a: text run" if name in ALWAYS else "-"
     if name == VQA_METRIC:
         return "n/a: captioning run" if "CIDEr" in metrics else "n/a: not evaluated"
     if VQA_METRIC in metrics:
@@ -341,6 +351,7 @@ LEGEND = ("Point: the evaluation (before training, or after the named stage); St
           "when it was evaluated (results.json's global_step); Length: each stage's epochs, or steps where it "
           "sets them. Trainable: trainable / all parameters at that point. Eval data, Split, N, Beams: how it "
           "was evaluated. B1-B4, M, R, C, S: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE x100; VQA acc. in %. "
+          "Text: Loss (nats per completion token), PPL = exp(Loss), EM: exact match x100. "
           "Eff. rank: effective rank of the final weights at the analysis threshold as % of the reference "
           "model's (analysis.json; on each run's last "
           "row); v = vision encoder, q = Q-Former, t = text.")

@@ -72,7 +72,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *, full_
                           "run launchers/train.py once to build it, or set PTSCALE_CACHE")
     check_backbone(run_dir, {"source": str(backbone_dir), "digest": backbone_digest(backbone_dir)}, "run")
     quantization = "none" if full_precision else cfg.model.quantization
-    backbone = load_backbone(backbone_dir, cfg.model.dtype, quantization)
+    backbone = load_backbone(backbone_dir, cfg.model.dtype, quantization, cfg.model.family or "blip2")
     model = build_model(cfg, backbone)
     progress, tuned, _ = read_checkpoint(found[-1])
     reached = progress.stage_index + (1 if progress.step > 0 else 0)  # stages begun when it was saved

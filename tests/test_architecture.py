@@ -16,6 +16,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.models.groups", 0), ("ptscale.models.presets", 0), ("ptscale.models.tokenizer", 0),
     ("ptscale.data.synthetic", 0), ("ptscale.data.collate", 0), ("ptscale.data.bad_data", 0),
     ("ptscale.data.images", 0), ("ptscale.eval.captioning", 0), ("ptscale.eval.vqa", 0),
+    ("ptscale.data.text_collate", 0), ("ptscale.models.families", 0), ("ptscale.data.synthetic_text", 0),
     ("ptscale.analysis.effective_rank", 0), ("ptscale.prefix.encoder", 0), ("ptscale.prefix.plus", 0),
     ("ptscale.prefix.attention", 0), ("ptscale.training.logger", 0), ("ptscale.tuners.adapter.layer", 0),
     ("ptscale.recipes", 0), ("ptscale.console", 0), ("ptscale.models.memory", 0),
@@ -25,10 +26,13 @@ LAYERS: tuple[tuple[str, int], ...] = (
     # 2: components a recipe configures: data, prefixes, tuners, generation
     ("ptscale.data", 2), ("ptscale.prefix", 2), ("ptscale.tuners.lora", 2), ("ptscale.tuners.adapter", 2),
     ("ptscale.models.feature_cache", 2), ("ptscale.models.pretrain", 2), ("ptscale.eval.generate", 2),
+    ("ptscale.models.pretrain_text", 2),
+    ("ptscale.eval.text", 2),
     # 3: the model a recipe describes (backbone + prefixes + tuners) and its exports
     ("ptscale.models", 3), ("ptscale.tuners", 3),
     # 4: distributed engine, run directories
-    ("ptscale.training.engine", 4), ("ptscale.rundir", 4), ("ptscale.runs", 4),
+    ("ptscale.training.engine", 4), ("ptscale.training.sharded", 4), ("ptscale.training.memory_plan", 4),
+    ("ptscale.rundir", 4), ("ptscale.runs", 4),
     # 5: workflows: training, evaluation, analysis, reports, loading exports
     ("ptscale.training", 5), ("ptscale.eval", 5), ("ptscale.analysis", 5), ("ptscale.report", 5),
     ("ptscale.hub", 5), ("ptscale.tools", 5), ("ptscale.grid", 5),

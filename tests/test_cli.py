@@ -5,13 +5,15 @@ behind; `ptscale config` / `--print-config` / `--dry-run` show and check a recip
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ptscale.config import load_recipe
-from tests.launch import ROOT, TRAIN, assert_one_line, cli
+from tests.launch import ROOT, TRAIN, assert_one_line, cli, user_env
 
 # --- mistakes found before torch is imported ----------------------------------------------------------------
 
@@ -133,4 +135,18 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, blip2_dir):
     proc = cli(TRAIN, "--dry-run", f"output_dir={out}", f"model.path={blip2_dir}", "data.train_size=16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dry run OK" in proc.stdout and "plan prefix->lora" in proc.stdout
+    assert not out.exists()
+
+
+@pytest.mark.slow  # starts DeepSpeed (about 8 s each)
+@pytest.mark.parametrize("setting, needles", [
+    ("flash", ["PTSCALE_ATTENTION='flash'", "auto, reference, triton"]),
+    ("triton", ["PTSCALE_ATTENTION=triton", "tensors on cpu", "PTSCALE_ATTENTION=reference"]),  # no GPU here
+])
+def test_an_attention_backend_that_cannot_run_is_refused_before_the_run_starts(tmp_path, blip2_dir, setting, needles):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, TRAIN, f"output_dir={out}", f"model.path={blip2_dir}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=user_env() | {"PTSCALE_ATTENTION": setting})
+    assert_one_line(proc, 2, *needles)
     assert not out.exists()

@@ -192,7 +192,7 @@ def pretrained_subject(cfg: RunConfig) -> Subject:
     from ptscale.models.backbone import load_backbone
 
     path = _backbone_dir(cfg)
-    backbone = load_backbone(path, cfg.model.dtype, cfg.model.quantization)
+    backbone = load_backbone(path, cfg.model.dtype, cfg.model.quantization, cfg.model.family or "blip2")
     collator = make_collator(backbone, cfg.data)
     return Subject("pre-trained", "reference", backbone.model.eval(), collator,
                    {"label": "pre-trained backbone", "run_dir": None, "checkpoint": None, "backbone": str(path)})

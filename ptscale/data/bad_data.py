@@ -50,6 +50,8 @@ REASONS: dict[str, str] = {
     "empty_question": "question is empty",
     "no_answers": "question has no answers",
     "malformed_record": "record is malformed",
+    "empty_text": "text is empty",
+    "too_long": "record is longer than data.max_text_len tokens",
 }
 
 # What the user can do about each reason; the skip hint is appended by the message builders.
@@ -63,6 +65,8 @@ ADVICE: dict[str, str] = {
     "empty_question": "fix or remove the question in the questions file",
     "no_answers": "use the annotation file that matches the questions file, or remove the question",
     "malformed_record": "compare the record with the official file format",
+    "empty_text": "fill in or remove the record's completion / text",
+    "too_long": "shorten or remove the record, or raise data.max_text_len",
 }
 
 SKIP_HINT = "or pass on_bad_data='skip' to drop such records and get a count at the end of the epoch"

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from ptscale.data.text_collate import IGNORE, make_text_collator
+
+__all__ = ["IGNORE", "CaptionCollator", "make_collator"]
 
 
 @dataclass
@@ -65,8 +67,12 @@ class CaptionCollator:
         return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def make_collator(model_parts, data_cfg) -> CaptionCollator:
+def make_collator(model_parts, data_cfg):
     """The collator for a backbone (or its BackboneSource: tokenizer, image processor, query tokens, image
-    token id) and a recipe's data section: the one place it is built."""
+    token id) and a recipe's data section: the one place it is built. A language model (its ``kind``) gets a
+    :class:`ptscale.data.text_collate.TextCollator`."""
+    kind = getattr(model_parts, "kind", "vision-language")
+    if kind != "vision-language":
+        return make_text_collator(model_parts.tokenizer, data_cfg, seq2seq=kind == "seq2seq-lm")
     return CaptionCollator(model_parts.image_processor, model_parts.tokenizer, model_parts.num_query_tokens,
                            model_parts.image_token_id, prompt=data_cfg.prompt, max_text_len=data_cfg.max_text_len)

@@ -22,7 +22,7 @@ VQA_PROMPT = "Question: {} Answer:"
 
 @dataclass
 class Splits:
-    task: Literal["caption", "vqa"]
+    task: Literal["caption", "vqa", "text"]
     train: Sequence[dict]
     eval: Sequence[dict]
     references: dict[str, list[str]] | None = None  # captioning: image_id -> references
@@ -37,6 +37,19 @@ def _cap(dataset, n: int):
 def load_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
     """The recipe's splits, after checking that the collator's tokenizer can express their text
     (RecipeError naming the unknown-token rate otherwise)."""
+    # text records are checked as they load (ptscale.data.text); the unknown-token check reads captions / answers
+    if cfg.name == "text":
+        from ptscale.data.text import load_text_split
+
+        train, _ = load_text_split(cfg, collator, "train")
+        evals, _ = load_text_split(cfg, collator, "eval")
+        return Splits("text", train, evals)
+    if cfg.name == "synthetic-text":
+        from ptscale.data.synthetic_text import make_text_split
+        from ptscale.data.text import check_records
+
+        return Splits("text", *(check_records(cfg, collator, make_text_split(cfg.task, size, cfg.seed, split), split)
+                                for split, size in (("train", cfg.train_size), ("eval", cfg.eval_size))))
     splits = _load(cfg, collator)
     check_vocabulary(cfg.name, collator.tokenizer, {"training": splits.train, "eval": splits.eval})
     return splits

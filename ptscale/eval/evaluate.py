@@ -18,14 +18,17 @@ from ptscale.eval.generate import generate_captions, record_key
 PER_IMAGE_HEADLINE = ("Bleu_4", "CIDEr")
 
 # What identifies the evaluated data, per source, beside name/split/size/prompt (enough to rebuild it).
-_SOURCE_KEYS = {"synthetic": ("task", "seed"), "coco": ("karpathy_json", "image_root", "eval_split"),
+_SOURCE_KEYS = {"synthetic": ("task", "seed"), "synthetic-text": ("task", "seed", "max_text_len"),
+                "coco": ("karpathy_json", "image_root", "eval_split"),
                 "flickr30k": ("karpathy_json", "image_root", "eval_split"),
-                "vqav2": ("vqa_eval_questions", "vqa_eval_annotations", "image_root")}
+                "vqav2": ("vqa_eval_questions", "vqa_eval_annotations", "image_root"),
+                "text": ("eval_file", "train_file", "eval_split", "prompt_column", "completion_column", "text_column",
+                         "chat_template", "max_text_len")}
 
 
 @dataclass
 class EvalData:
-    task: str  # "caption" or "vqa"
+    task: str  # "caption", "vqa" or "text"
     records: Sequence[dict]  # a list, or a lazy dataset whose skipped (bad) items are falsy
     references: dict[str, list[str]] | None  # captioning: image_id -> references
     splits: Splits
@@ -68,12 +71,17 @@ def load_eval_data(cfg: RunConfig, collator, split: str = "eval", size: int | No
 
 
 def generate_gathered(model, collator, records: Sequence[dict], settings: EvalConfig, world: DistInfo, *,
-                      synced: bool = False) -> dict[str, str]:
+                      synced: bool = False) -> dict[str, Any]:
     """key (image_id; question_id for VQA) -> generated text for every record, on every rank: each rank
-    generates its shard (``synced``: under ZeRO-3, every rank makes the same generate calls), then all gather."""
-    mine = generate_captions(model, collator, records, settings, rank=world.rank, world=world.world_size,
-                             synced=synced)
-    merged: dict[str, str] = {}
+    generates its shard (``synced``: under ZeRO-3, every rank makes the same generate calls), then all gather.
+    Text (a language model's collator): record id -> its loss terms and generation (ptscale.eval.text)."""
+    from ptscale.data.text_collate import TextCollator
+
+    predict = generate_captions
+    if isinstance(collator, TextCollator):
+        from ptscale.eval.text import predict_text as predict
+    mine = predict(model, collator, records, settings, rank=world.rank, world=world.world_size, synced=synced)
+    merged: dict[str, Any] = {}
     for part in gather_objects(mine):
         merged.update(part)  # shard padding repeats records: the same id, the same text
     return merged
@@ -95,11 +103,16 @@ SUITE_HEADLINE = (ATTRIBUTE_ACCURACY, "gen/CIDEr", f"gen/{ATTRIBUTE_ACCURACY}", 
                   f"ret/{ATTRIBUTE_ACCURACY}", "ret/VQA_accuracy")
 
 
-def score(preds: dict[str, str], data: EvalData, spice: str = "auto") -> Scored:
+def score(preds: dict[str, Any], data: EvalData, spice: str = "auto") -> Scored:
     """Score the predictions; an evaluation suite (records with a ``group``: the synthetic task's test,
     generalisation and retention groups) is scored per group, the metrics of group G named ``G/<metric>``
     (the test group's keep their plain names). Records that carry their ``scene`` also get the attribute
-    accuracy."""
+    accuracy. Text records (a language model's) are scored by ``ptscale.eval.text``."""
+    if data.task == "text":
+        from ptscale.eval.text import score_text
+
+        metrics, rows = score_text(preds, data.records)
+        return Scored({"metrics": metrics, "unavailable": {}, "n_records": len(rows)}, rows)
     groups: dict[str, list[dict]] = {}
     for i in range(len(data.records)):
         record = data.records[i]

@@ -35,6 +35,11 @@ class Backbone:
     tokenizer: object
     image_processor: object
     path: Path
+    family: str = "blip2"  # ptscale.models.families
+
+    @property
+    def kind(self) -> str:
+        return family_kind(self.family)
 
     @property
     def image_token_id(self) -> int:
@@ -45,17 +50,27 @@ class Backbone:
         return self.model.config.num_query_tokens
 
 
+def family_kind(family: str) -> str:
+    """vision-language, causal-lm or seq2seq-lm: what a family's data and evaluation are."""
+    from ptscale.models.families import FAMILIES
+
+    return FAMILIES[family].kind
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PTSCALE_CACHE", Path.home() / ".cache" / "ptscale"))
 
 
 def default_backbone_dir(cfg: ModelConfig) -> Path:
     from ptscale.data.synthetic import DATA_VERSION
-    from ptscale.models.presets import PRESETS
+    from ptscale.models.presets import preset_family, preset_spec
 
-    # Everything the cached weights depend on: the geometry, the steps, the pre-training recipe and its data
-    key = json.dumps({"preset": PRESETS[cfg.preset], "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION,
-                      "data": DATA_VERSION}, sort_keys=True)
+    # Everything the cached weights depend on: the geometry, the steps, the pre-training recipe and, for the
+    # BLIP-2 default, the synthetic world it is pre-trained on
+    spec = {"preset": preset_spec(cfg.preset), "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION}
+    if preset_family(cfg.preset) == "blip2":
+        spec["data"] = DATA_VERSION
+    key = json.dumps(spec, sort_keys=True)
     return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -127,7 +142,8 @@ def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
+        if image_processor is not None:  # a language model has none
+            image_processor.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"preset": cfg.preset, "steps": cfg.pretrain_steps,
                                               "sha256": _sha256(tmp / "model.safetensors")}))
         if directory.exists():
@@ -170,21 +186,41 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none") -> Backbone:
+def model_class(family: str):
+    """The transformers class a family's checkpoints load as (ptscale.models.families)."""
+    from ptscale.models.families import FAMILIES
+
+    kind = FAMILIES[family].kind
+    if kind == "vision-language":
+        return Blip2ForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSeq2SeqLM
+
+
+def new_model(family: str, config):
+    """A family's model from its config, with fresh weights (on the current default device, e.g. meta)."""
+    cls = model_class(family)
+    return cls(config) if family == "blip2" else cls.from_config(config)
+
+
+def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none", family: str = "blip2") -> Backbone:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 "
-                                "checkpoint directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
+        raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF checkpoint "
+                                "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
     quant = quantization_config(quantization, dtype)
+    cls = model_class(family)
     if quant is None:
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype])
     else:  # bitsandbytes quantises while loading, on the device this rank computes on
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quant,
-                                                              device_map={"": device})
+        model = cls.from_pretrained(path, dtype=DTYPES[dtype], quantization_config=quant, device_map={"": device})
         if device == "cpu":
             _keep_cpu_4bit_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if family != "blip2":  # a language model: no images
+        return Backbone(model, tokenizer, None, path, family)
     image_processor = AutoImageProcessor.from_pretrained(path)
     if getattr(model.config, "image_token_id", None) is None:
         raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
@@ -204,6 +240,11 @@ class BackboneSource:
     tokenizer: object
     image_processor: object
     identity: dict[str, str]  # {"source": ..., "digest": ...}
+    family: str = "blip2"  # ptscale.models.families
+
+    @property
+    def kind(self) -> str:
+        return family_kind(self.family)
 
     @property
     def image_token_id(self) -> int:
@@ -214,7 +255,6 @@ class BackboneSource:
         return self.config.num_query_tokens
 
 
-SUPPORTED_MODEL_TYPES = ("blip-2",)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -222,8 +262,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def check_checkpoint_dir(path: Path) -> None:
-    """``model.path`` before anything is built: a BLIP-2 checkpoint directory with readable weights."""
-    from ptscale.errors import DataError, RecipeError
+    """``model.path`` before anything is built: a checkpoint directory of a supported type with readable weights."""
+    from ptscale.errors import RecipeError
 
     if not path.is_dir():
         raise RecipeError(f"model.path {path}: no such directory; point it at a local HF BLIP-2 checkpoint "
@@ -232,13 +272,9 @@ def check_checkpoint_dir(path: Path) -> None:
     if not config.is_file():
         raise RecipeError(f"model.path {path}: no config.json there; point it at a local HF BLIP-2 checkpoint "
                           "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except ValueError as e:
-        raise DataError(f"model.path {config}: not valid JSON ({e}); re-save the checkpoint") from None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise RecipeError(f"model.path {path}: a {model_type!r} checkpoint; ptscale trains "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Blip2ForConditionalGeneration)")
+    from ptscale.models.families import family_of_checkpoint
+
+    family_of_checkpoint(path)  # a model type ptscale does not train: refused, naming the supported ones
     weights = _weight_files(path)
     if not weights:
         raise RecipeError(f"model.path {path}: no weights (model.safetensors or pytorch_model.bin); the directory "
@@ -273,6 +309,15 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     from ptscale.models.presets import uses_random_weights
 
     if not build and not cfg.path and not uses_random_weights(cfg) and not is_complete(default_backbone_dir(cfg)):
+        from ptscale.models.presets import TEXT_PRESETS
+
+        if cfg.preset in TEXT_PRESETS:
+            from ptscale.models.pretrain_text import new_text_model
+
+            with torch.device("meta"):
+                model, tokenizer = new_text_model(cfg.preset)
+            return BackboneSource(None, model.config, tokenizer, None, {
+                "source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""}, family=cfg.family)
         from ptscale.models.pretrain import new_tiny_model
 
         with torch.device("meta"):
@@ -294,6 +339,9 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     from ptscale.errors import RecipeError
 
     config = AutoConfig.from_pretrained(path)
+    family = cfg.family or "blip2"
+    if family != "blip2":
+        return _language_model_source(cfg, path, config, family)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
@@ -306,3 +354,18 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     source = str(path) if cfg.path else f"embedded default {path.name}"
     return BackboneSource(path, config, tokenizer, image_processor,
                           {"source": source, "path": str(path), "digest": backbone_digest(path)})
+
+
+def _language_model_source(cfg: ModelConfig, path: Path, config, family: str) -> BackboneSource:
+    from ptscale.errors import RecipeError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.path {path}: its tokenizer cannot be loaded ({str(e).splitlines()[0]}); save it "
+                          "beside the weights (tokenizer.save_pretrained)") from None
+    if tokenizer.eos_token_id is None:
+        raise RecipeError(f"model.path {path}: the tokenizer has no EOS token; a completion needs one to end")
+    source = str(path) if cfg.path else f"embedded default {path.name}"
+    return BackboneSource(path, config, tokenizer, None, {"source": source, "path": str(path),
+                                                          "digest": backbone_digest(path)}, family=family)

@@ -41,12 +41,11 @@ def build_model(cfg: RunConfig, backbone: Backbone, *, quiet: bool = False) -> P
 def check_buildable(cfg: RunConfig, source: BackboneSource) -> None:
     """Build the recipe's model on the meta device (no memory, no weights): prefix targets, LoRA targets and
     adapters that do not fit the model fail here in one line, before a run directory or a weight exists."""
-    from transformers import Blip2ForConditionalGeneration
-
+    from ptscale.models.backbone import new_model
     from ptscale.prefix.targets import PrefixHookError
 
     with torch.device("meta"):
-        base = Blip2ForConditionalGeneration(source.config)
+        base = new_model(source.family, source.config)
         try:
             build_model(cfg, Backbone(base, source.tokenizer, source.image_processor, Path("<meta>")), quiet=True)
         except PrefixHookError as e:

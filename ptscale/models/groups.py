@@ -24,8 +24,12 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("qformer", r"^base\.(qformer\.|query_tokens$)"),
     ("projection", r"^base\.language_projection\."),
     ("language_model", r"^base\.language_model\."),
+    # a standalone language model (OPT, Llama, Qwen2: base.model.*, base.lm_head; T5: base.shared, encoder, decoder)
+    ("embeddings", r"^base\.(model\.)?(decoder\.)?(embed_tokens|embed_positions|shared)\."),
+    ("lm_head", r"^base\.lm_head\."),
+    ("language_model", r"^base\.(model|encoder|decoder)\."),
 )
-GROUPS: tuple[str, ...] = tuple(g for g, _ in _RULES)
+GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g for g, _ in _RULES))
 # The model's towers that take tuners (LoRA targets, adapter components): themselves parameter groups.
 Component = Literal["vision", "qformer", "language_model"]
 COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model")
@@ -33,13 +37,17 @@ COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model")
 GROUP_ALIASES: dict[str, tuple[str, ...]] = {"full": ("vision", "qformer", "projection", "language_model")}
 
 
-def expand_groups(names: list[str]) -> list[str]:
+def expand_groups(names: list[str], aliases: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Aliases replaced by their groups (``aliases``: a model family's own, e.g. a language model's full)."""
+    table = {**GROUP_ALIASES, **(aliases or {})}
     out: list[str] = []
     for name in names:
-        for group in GROUP_ALIASES.get(name, (name,)):
+        for group in table.get(name, (name,)):
             if group not in out:
                 out.append(group)
     return out
+
+
 _COMPILED = tuple((g, re.compile(p)) for g, p in _RULES)
 
 
@@ -99,3 +107,16 @@ def set_trainable(model: nn.Module, groups: list[str]) -> tuple[int, int]:
         total += numel(p)
         trainable += numel(p) if on else 0
     return trainable, total
+
+
+def check_stage_changes(before: dict[str, str], after: dict[str, str], trained: list[str], stage: str) -> None:
+    """Parameter digests around a stage: frozen groups must be bit-identical, and a trained group none of whose
+    parameters moved means the stage trained nothing (the silent ZeRO-3 failure mode)."""
+    changed = {n for n in before if before[n] != after[n]}
+    leaked = sorted(n for n in changed if group_of(n) not in trained)
+    if leaked:
+        raise RuntimeError(f"[{stage}] frozen parameters changed: {leaked[:5]} (+{max(0, len(leaked) - 5)})")
+    for group in trained:
+        members = [n for n in before if group_of(n) == group]
+        if members and not any(n in changed for n in members):
+            raise RuntimeError(f"[{stage}] group {group!r} was set to train but no parameter of it changed")

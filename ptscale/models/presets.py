@@ -48,9 +48,27 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Language-model presets (LlamaConfig keys; the vocabulary and special tokens come from the tokenizer).
+# tiny-llama-text is the text embedded default: grouped-query attention (4 query heads, 2 KV heads) and RoPE.
+TEXT_PRESETS: dict[str, dict] = {
+    "tiny-llama-text": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                        "rope_theta": 10000.0, "tie_word_embeddings": False},
+}
+
 # Presets with an embedded pre-training recipe (ptscale.models.pretrain): without model.path they are pre-trained
 # once and cached. The others are geometries: random weights without a checkpoint.
-PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt",)
+PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text")
+
+
+def preset_spec(preset: str) -> dict:
+    """A preset's geometry, BLIP-2 or language model."""
+    return PRESETS[preset] if preset in PRESETS else TEXT_PRESETS[preset]
+
+
+def preset_family(preset: str) -> str:
+    """The model family of a preset (ptscale.models.families)."""
+    return TEXT_PRESETS[preset]["model_type"] if preset in TEXT_PRESETS else "blip2"
 
 
 def uses_random_weights(model_cfg) -> bool:

@@ -43,6 +43,15 @@ def new_tiny_model(preset: str, seed: int = SEED):
 
 
 def pretrain_default(preset: str, steps: int):
+    """(model, tokenizer, image processor) pre-trained ``steps`` steps; a language-model preset has no image
+    processor (None)."""
+    from ptscale.models.presets import TEXT_PRESETS
+
+    if preset in TEXT_PRESETS:
+        from ptscale.models.pretrain_text import pretrain_text
+
+        model, tokenizer = pretrain_text(preset, steps)
+        return model, tokenizer, None
     model, tokenizer = new_tiny_model(preset)
     processor = tiny_processor()
     collate = CaptionCollator(processor, tokenizer, model.config.num_query_tokens, model.config.image_token_id,

@@ -37,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ptscale.errors import RecipeError
 from ptscale.prefix.plus import PlusLayer, PlusState, memory_term
 
 log = logging.getLogger(__name__)
@@ -163,30 +164,54 @@ _VARIANTS = {
 }
 
 
+class BackendError(RecipeError, RuntimeError):
+    """PTSCALE_ATTENTION names no backend, or forces a kernel that cannot run here (exit code 2)."""
+
+
+def backend_setting() -> str:
+    wanted = os.environ.get("PTSCALE_ATTENTION", "auto")
+    if wanted not in BACKENDS:
+        raise BackendError(f"PTSCALE_ATTENTION={wanted!r}: use one of {', '.join(BACKENDS)}")
+    return wanted
+
+
+def _kernel_unavailable(device: torch.device) -> str:
+    """Why the Triton kernels cannot run on ``device`` ("" when they can)."""
+    try:
+        from ptscale_kernels import triton_available
+    except ImportError as e:
+        return f"ptscale_kernels/triton not importable ({e})"
+    # CUDA only: under TRITON_INTERPRET=1 the kernel also runs on CPU, but only its own tests want that.
+    if device.type == "cuda" and triton_available(device):
+        return ""
+    return f"tensors on {device.type} (the Triton kernel runs on CUDA)"
+
+
+def check_backend_setting(device: torch.device) -> None:
+    """Before a run starts (no run directory yet): PTSCALE_ATTENTION names a backend, and a forced kernel can
+    run on the run's device, so the setting cannot fail at the first forward."""
+    if backend_setting() == "triton" and (why := _kernel_unavailable(device)):
+        raise BackendError(f"PTSCALE_ATTENTION=triton but the Triton kernels cannot run: {why}. "
+                           "Unset it (auto) or set PTSCALE_ATTENTION=reference.")
+
+
 def choose_backend(query: torch.Tensor, dropout: float, *, variant: str = "classic") -> str:
     """'triton' or 'reference', from PTSCALE_ATTENTION (auto|reference|triton) and the tensors.
 
     ``variant``: "classic" (``prefix_attention``) or "plus" (``prefix_plus_attention``); same rule, own log lines.
     """
     names = _VARIANTS[variant]
-    wanted = os.environ.get("PTSCALE_ATTENTION", "auto")
-    if wanted not in BACKENDS:
-        raise ValueError(f"PTSCALE_ATTENTION={wanted!r}: use one of {', '.join(BACKENDS)}")
+    wanted = backend_setting()
     if wanted == "reference":
         return "reference"
-    try:
-        from ptscale_kernels import triton_available
-        # CUDA only: under TRITON_INTERPRET=1 the kernel also runs on CPU, but only its own tests want that.
-        available = query.is_cuda and triton_available(query.device)
-        why = "" if available else f"tensors on {query.device.type} (the Triton kernel runs on CUDA)"
-    except ImportError as e:
-        available, why = False, f"ptscale_kernels/triton not importable ({e})"
+    why = _kernel_unavailable(query.device)
+    available = not why
     if available and query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         available, why = False, f"dtype {query.dtype} (the kernel takes fp16, bf16, fp32)"
     if dropout > 0.0:
         available, why = False, f"attention dropout {dropout} (the kernel has none)"
     if wanted == "triton" and not available:
-        raise RuntimeError(f"PTSCALE_ATTENTION=triton but {names.kernel} cannot run: {why}. "
+        raise BackendError(f"PTSCALE_ATTENTION=triton but {names.kernel} cannot run: {why}. "
                            "Unset it (auto) or set PTSCALE_ATTENTION=reference.")
     if not available:
         # On a CPU there is no kernel to fall back from: the reference path is the plan, said once at INFO.

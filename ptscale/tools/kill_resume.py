@@ -60,10 +60,11 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "stage-2-prefix+lora" / "trainable.safetensors")
 
 
-def kill_after(out: Path, name: str, n_checkpoints: int, delay: float, timeout: float = 600) -> int:
-    """Start a run, SIGKILL its whole process group once n checkpoints exist (+ delay s); returns how many
-    complete checkpoints there were at the kill."""
-    proc = launch(out, name)
+def kill_after(out: Path, name: str, n_checkpoints: int, delay: float, timeout: float = 600,
+               extra: tuple[str, ...] = ()) -> int:
+    """Start a run (``extra``: more recipe overrides), SIGKILL its whole process group once n checkpoints exist
+    (+ delay s); returns how many complete checkpoints there were at the kill."""
+    proc = launch(out, name, *extra)
     root = out / name / "checkpoints"
     t0 = time.time()
     while len(list_checkpoints(root)) < n_checkpoints:

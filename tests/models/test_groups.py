@@ -1,7 +1,7 @@
 import pytest
 
 from ptscale.config import LoraConfig, PrefixConfig
-from ptscale.models.groups import GROUPS, group_of, group_sizes, set_trainable
+from ptscale.models.groups import GROUPS, check_stage_changes, group_of, group_sizes, set_trainable
 from ptscale.prefix.model import PrefixTunedModel
 from ptscale.tuners.lora import inject_lora, lora_target_modules
 
@@ -45,3 +45,15 @@ def test_set_trainable(wrapped):
     set_trainable(wrapped, ["prefix", "lora"])
     on = {group_of(n) for n, p in wrapped.named_parameters() if p.requires_grad}
     assert on == {"prefix", "lora"}
+
+
+DIGESTS = {"prefixes.qformer.embedding": "a", "base.qformer.encoder.layer.0.w": "b", "base.vision_model.x": "c"}
+
+
+def test_a_stage_changes_exactly_its_groups():
+    after = {**DIGESTS, "prefixes.qformer.embedding": "a2"}
+    check_stage_changes(DIGESTS, after, ["prefix"], "s")  # the trained group moved, nothing else
+    with pytest.raises(RuntimeError, match=r"\[s\] frozen parameters changed: \['base.vision_model.x'\]"):
+        check_stage_changes(DIGESTS, {**after, "base.vision_model.x": "c2"}, ["prefix"], "s")
+    with pytest.raises(RuntimeError, match="group 'qformer' was set to train but no parameter of it changed"):
+        check_stage_changes(DIGESTS, after, ["prefix", "qformer"], "s")

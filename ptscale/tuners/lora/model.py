@@ -19,13 +19,24 @@ from ptscale.tuners.lora.config import LoraConfig
 COMPONENT_ROOTS = {"vision": "base.vision_model.", "qformer": "base.qformer.", "language_model": "base.language_model."}
 
 
+def component_root(model: nn.Module, component: str) -> str:
+    """Where ``component`` lives: BLIP-2's towers, or a standalone language model (the whole base)."""
+    base = getattr(model, "base", model)
+    if hasattr(base, "language_model") or hasattr(base, "qformer"):
+        return COMPONENT_ROOTS[component]
+    if component != "language_model":
+        raise ValueError(f"lora.targets.{component}: a {base.config.model_type} language model has no {component}; "
+                         "use lora.targets.language_model")
+    return "base."
+
+
 def lora_target_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Full module names: a target name matches a module path suffix on a dot boundary
     (``attention.attention.query`` matches the Q-Former's self-attention, not its cross-attention)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     found: list[str] = []
     for component, targets in cfg.targets.items():
-        root = COMPONENT_ROOTS[component]
+        root = component_root(model, component)
         for target in targets:
             pattern = re.compile(rf"(^|\.){re.escape(target)}$")
             hits = [n for n in names if n.startswith(root) and pattern.search(n[len(root):])]

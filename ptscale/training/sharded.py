@@ -85,13 +85,13 @@ def build_random_backbone(preset: str, dtype: str) -> Backbone:
     return Backbone(model, tokenizer, processor, Path(f"<random {preset}>"))
 
 
-def load_sharded_backbone(path: str | Path, ds_config: dict, dtype: str) -> Backbone:
+def load_sharded_backbone(path: str | Path, ds_config: dict, dtype: str, family: str = "blip2") -> Backbone:
     """``model.path`` under ZeRO-3: ``from_pretrained`` with an HfDeepSpeedConfig alive builds under
     zero.Init and loads the checkpoint into the partitions (no rank materialises the whole model)."""
     from ptscale.models.backbone import load_backbone
 
     with _zero3_transformers(ds_config, dtype) as hf_ds_config:
-        backbone = load_backbone(path, dtype)
+        backbone = load_backbone(path, dtype, family=family)
         _finish_sharding(backbone.model, ds_config, hf_ds_config)
     return backbone
 
@@ -165,12 +165,12 @@ def build_backbone(source: BackboneSource, model_cfg: ModelConfig, zero3_config:
     sharded = zero3_config is not None and m.quantization == "none" and (m.path is not None or random_weights)
     if not sharded:
         return build_random_backbone(m.preset, m.dtype) if random_weights else \
-            load_backbone(source.path, m.dtype, m.quantization)
+            load_backbone(source.path, m.dtype, m.quantization, source.family)
     reset_peaks()
     if random_weights:
         backbone = build_sharded_backbone(m.preset, zero3_config, m.dtype)
     else:
-        backbone = load_sharded_backbone(m.path, zero3_config, m.dtype)
+        backbone = load_sharded_backbone(m.path, zero3_config, m.dtype, source.family)
     reports = gather_objects(memory_report(torch.distributed.get_rank()))  # every rank's peak, printed by rank 0
     if torch.distributed.get_rank() == 0:
         for report in reports:
