@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from ptscale.cli import main
-from ptscale.config import load_recipe, to_dict
+from ptscale.config import EvalConfig, load_recipe, to_dict
 from ptscale.report import COLUMNS, method_name, render_report, short_reason, stage_label
 from tests.runs_fixture import analysed_runs  # noqa: F401
 
@@ -112,7 +112,7 @@ SPICE_MISSING = {"SPICE": "SPICE needs lib/stanford-corenlp-3.6.0.jar in /x; not
 def settings(size: int = 16, beams: int = 1, **kw: Any) -> dict[str, Any]:
     """An evaluation's ``settings`` as training records them in results.json."""
     return {"data": "synthetic", "task": "downstream", "split": "eval", "size": size, "num_beams": beams,
-            "max_new_tokens": 16, "min_new_tokens": 1, **kw}
+            "max_new_tokens": EvalConfig().max_new_tokens, "min_new_tokens": 1, **kw}
 
 
 def evaluation(point: str, stage_index: int, step: int | None, trainable: int, *, scale: float = 1.0,
