@@ -193,11 +193,11 @@ def test_differing_beams_and_sizes_are_flagged(tmp_path: Path) -> None:
 def test_other_differing_settings_are_named(tmp_path: Path) -> None:
     a = current_run(tmp_path, "a")
     b = write_run(tmp_path, "b", ["seed=1"], [evaluation("prefix+lora", 1, 10, 150,
-                                                         recorded=settings(max_new_tokens=32, task="pretrain"))],
+                                                         recorded=settings(max_new_tokens=48, task="pretrain"))],
                   {"plan": None, "seed": 1})
     text = render_report([a, b])
     assert {r["Differs"] for r in _table(text) if r["Run"] == "b"} == {"≠ synthetic task, max_new_tokens"}
-    assert "- synthetic task: downstream (a); pretrain (b)" in text and "- max_new_tokens: 16 (a); 32 (b)" in text
+    assert "- synthetic task: downstream (a); pretrain (b)" in text and "- max_new_tokens: 32 (a); 48 (b)" in text
 
 
 def test_same_settings_are_not_flagged(tmp_path: Path) -> None:
