@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ptscale.errors import RecipeError, TrainingStopped
-from ptscale.plans import plan_layout
+from ptscale.plans import plan_layout, plan_methods
 
 log = logging.getLogger("ptscale")
 
@@ -131,6 +131,23 @@ class GridSpec:
         return Arm("full")
 
 
+def common_for(plan: str, common: list[str]) -> list[str]:
+    """The ``--set`` overrides that concern ``plan``: a recipe refuses settings for a method or a part the plan
+    does not use (``methods.prefix.*`` next to ``plan=lora``), while a grid's common settings name them all."""
+    methods = set(plan_methods(plan))
+    groups = {g for _, train, _ in plan_layout(plan) for g in train}
+    keep = []
+    for item in common:
+        key = item.split("=", 1)[0]
+        section, _, rest = key.partition(".")
+        if section == "methods" and rest.split(".")[0] not in methods:
+            continue
+        if section in ("prefix", "lora", "adapter") and section not in groups:
+            continue
+        keep.append(item)
+    return keep
+
+
 def train_overrides(spec: GridSpec, task: str, arm: Arm, seed: int, *, before: bool) -> list[str]:
     run_dir = spec.run_dir(task, arm, seed)
     adapter = list(ADAPTER_DEFAULT) if "adapter" in arm.plan and not any(o.startswith("adapter.")
@@ -138,7 +155,8 @@ def train_overrides(spec: GridSpec, task: str, arm: Arm, seed: int, *, before: b
     return [f"output_dir={run_dir.parent}", f"run_name={run_dir.name}", f"seed={seed}", f"data.task={task}",
             f"plan={arm.plan}", *budget_overrides(arm.plan, spec.epochs, spec.first_share),
             *first_stage_quiet(arm.plan), f"eval.before_training={'true' if before else 'false'}",
-            "checkpoint.every_steps=0", "checkpoint.keep_last=1", *adapter, *spec.common, *arm.overrides]
+            "checkpoint.every_steps=0", "checkpoint.keep_last=1", *adapter, *common_for(arm.plan, spec.common),
+            *arm.overrides]
 
 
 def train_command(overrides: list[str]) -> list[str]:
@@ -541,7 +559,8 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-share", type=float, default=0.6,
                    help="share of the passes a two-stage plan's first stage gets (default 0.6: 3 of 5)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="common",
-                   help="a recipe override for every run (repeatable)")
+                   help="a recipe override for every run (repeatable); methods.<m>.*, prefix.*, lora.* and adapter.* "
+                        "reach only the arms whose plan uses them")
     p.add_argument("--no-ceiling", action="store_true", help="skip the ceiling row (full FT on the broad data)")
     p.add_argument("--tables-only", action="store_true",
                    help="train nothing: analyse and tabulate the finished runs only, naming the missing ones")

@@ -168,3 +168,11 @@ def test_tables_only_tabulates_the_finished_runs_and_names_the_missing(tmp_path,
     assert "**Not finished, left out (a partial grid):** downstream/prefix->lora/seed2." in text
     assert "| prefix->lora − lora | 2 |" in text  # two complete pairs
     assert "| lora | LoRA r16 Q-Former query/key/value; LoRA r16 LM q_proj/k_proj/v_proj | 3 |" in text
+
+
+def test_common_settings_reach_only_the_arms_that_use_them() -> None:
+    common = ["methods.prefix.batch_size=4", "methods.lora.lr=1e-4", "lora.r=8", "prefix.lengths.qformer=4",
+              "data.train_size=8"]
+    assert grid.common_for("lora", common) == ["methods.lora.lr=1e-4", "lora.r=8", "data.train_size=8"]
+    assert grid.common_for("prefix->lora", common) == common
+    assert grid.common_for("full", common) == ["data.train_size=8"]

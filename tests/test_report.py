@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from ptscale.cli import main
-from ptscale.config import load_recipe, to_dict
+from ptscale.config import EvalConfig, load_recipe, to_dict
 from ptscale.report import COLUMNS, method_name, render_report, short_reason, stage_label
 from tests.runs_fixture import analysed_runs  # noqa: F401
 
@@ -112,7 +112,7 @@ SPICE_MISSING = {"SPICE": "SPICE needs lib/stanford-corenlp-3.6.0.jar in /x; not
 def settings(size: int = 16, beams: int = 1, **kw: Any) -> dict[str, Any]:
     """An evaluation's ``settings`` as training records them in results.json."""
     return {"data": "synthetic", "task": "downstream", "split": "eval", "size": size, "num_beams": beams,
-            "max_new_tokens": 16, "min_new_tokens": 1, **kw}
+            "max_new_tokens": EvalConfig().max_new_tokens, "min_new_tokens": 1, **kw}
 
 
 def evaluation(point: str, stage_index: int, step: int | None, trainable: int, *, scale: float = 1.0,
@@ -193,11 +193,11 @@ def test_differing_beams_and_sizes_are_flagged(tmp_path: Path) -> None:
 def test_other_differing_settings_are_named(tmp_path: Path) -> None:
     a = current_run(tmp_path, "a")
     b = write_run(tmp_path, "b", ["seed=1"], [evaluation("prefix+lora", 1, 10, 150,
-                                                         recorded=settings(max_new_tokens=32, task="pretrain"))],
+                                                         recorded=settings(max_new_tokens=48, task="pretrain"))],
                   {"plan": None, "seed": 1})
     text = render_report([a, b])
     assert {r["Differs"] for r in _table(text) if r["Run"] == "b"} == {"≠ synthetic task, max_new_tokens"}
-    assert "- synthetic task: downstream (a); pretrain (b)" in text and "- max_new_tokens: 16 (a); 32 (b)" in text
+    assert "- synthetic task: downstream (a); pretrain (b)" in text and "- max_new_tokens: 32 (a); 48 (b)" in text
 
 
 def test_same_settings_are_not_flagged(tmp_path: Path) -> None:
