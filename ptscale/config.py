@@ -36,12 +36,14 @@ log = logging.getLogger("ptscale")
 
 @dataclass
 class ModelConfig:
-    preset: str = _doc("tiny-blip2-opt", "a named architecture (`ptscale ls presets`); tiny-blip2-opt is "
-                       "pre-trained once and cached, the others are geometries (random weights without model.path)")
-    path: str | None = _doc(None, "local HF checkpoint directory (weights, tokenizer; BLIP-2 also its image "
-                            "processor): BLIP-2, OPT, Llama, Qwen2 or T5; overrides the preset's weights")
+    preset: str = _doc("tiny-blip2-opt", "a named architecture (`ptscale ls presets`); tiny-blip2-opt (and tiny-blip, "
+                       "its BLIP captioning counterpart) is pre-trained once and cached, the others are geometries "
+                       "(random weights without model.path)")
+    path: str | None = _doc(None, "local HF checkpoint directory (weights, tokenizer; BLIP-2 and BLIP also its image "
+                            "processor): BLIP-2, BLIP (captioning or VQA), OPT, Llama, Qwen2 or T5; overrides the "
+                            "preset's weights")
     family: str | None = _doc(None, (
-        "blip2, opt, llama, qwen2 or t5 (ptscale.models.families); null: detected from model.path's config.json "
+        "blip2, blip, opt, llama, qwen2 or t5 (ptscale.models.families); null: detected from model.path's config.json "
         "model_type, else the preset's. A language-model family trains on text data (data.name: text)"))
     pretrain_steps: int = _doc(2400, "pre-training steps of the embedded default backbone (once, cached); "
                                "0: random weights")
@@ -403,22 +405,21 @@ def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
     for what the user did not set: prefixes in the language model only, LoRA on its q / v projections
     (``ptscale.models.families``). Text data and language models go together."""
     from ptscale.models.families import FAMILIES, resolve_family
-    from ptscale.models.presets import PRESETS, TEXT_PRESETS, preset_family
+    from ptscale.models.presets import check_preset, preset_family
 
     m = cfg.model
-    if m.preset not in PRESETS and m.preset not in TEXT_PRESETS:
-        known = ", ".join([*PRESETS, *TEXT_PRESETS])
-        raise RecipeError(f"model.preset: unknown preset {m.preset!r}; known: {known} (`ptscale ls presets`)")
+    check_preset(m.preset, "model.preset")
     family = FAMILIES[resolve_family(m.family, m.path, preset_family(m.preset))]
     if m.path is None and family.name != preset_family(m.preset):
         raise RecipeError(f"model.family={family.name}, but preset {m.preset} is a {preset_family(m.preset)} model "
                           f"and there is no model.path; set model.path to a {family.model_type} checkpoint")
     m.family = family.name
-    if family.is_language_model:
+    if family.name != "blip2":  # BLIP and the language models: their own prefix targets and LoRA defaults
         cfg.prefix.lengths = _family_mapping(cfg.prefix.lengths, PrefixConfig().lengths, family.prefix_lengths,
                                              "prefix.lengths", explicit)
         cfg.lora.targets = _family_mapping(cfg.lora.targets, LoraConfig().targets, family.lora_targets,
                                            "lora.targets", explicit)
+    if family.is_language_model:
         if cfg.data.name not in TEXT_DATA:
             raise RecipeError(f"data.name: {cfg.data.name} is image data, but model.family {family.name} is a language "
                               "model; set data.name: text with data.train_file (README 'Language models')")
@@ -435,14 +436,14 @@ TEXT_DATA = ("text", "synthetic-text")  # what a language model trains on
 
 
 def _family_mapping(value: dict, blip2: dict, family: dict, key: str, explicit: set[str] | frozenset[str]) -> dict:
-    """A mapping-valued setting (prefix.lengths, lora.targets) for a language model: the family's default where
-    the user set nothing; else what the user set, without the BLIP-2 default entries an override kept
+    """A mapping-valued setting (prefix.lengths, lora.targets) for a family other than BLIP-2: the family's default
+    where the user set nothing; else what the user set, without the BLIP-2 default entries an override kept
     (``lora.targets.language_model=[k_proj]`` alone means no Q-Former entry)."""
     if not _set_under(explicit, key) and value == blip2:
         return {k: v if isinstance(v, int) else list(v) for k, v in family.items()}
     if key in explicit:  # given whole (a recipe file's mapping replaces the default)
         return value
-    towers = ("qformer", "vision")  # BLIP-2's own components: a language model has none
+    towers = [k for k in blip2 if k not in family]  # BLIP-2 default entries the family does not use
     return {k: v for k, v in value.items() if k not in towers or f"{key}.{k}" in explicit}
 
 

@@ -101,9 +101,9 @@ def meta_model(preset: str | None, path: str | None) -> Any:
     if path is not None and not (Path(path) / "config.json").is_file():
         raise RecipeError(f"--path {path}: no config.json (a HF checkpoint directory)")
     family = _family(preset, path)
-    if family.is_language_model:
+    if family.is_language_model or family.name == "blip":
         with torch.device("meta"):
-            return PrefixTunedModel(_meta_language_model(family.name, preset, path),
+            return PrefixTunedModel(_meta_family_model(family.name, preset, path),
                                     PrefixConfig(lengths=dict(family.prefix_lengths)))
     if path is not None:
         config = Blip2Config.from_pretrained(path)
@@ -114,14 +114,18 @@ def meta_model(preset: str | None, path: str | None) -> Any:
         return PrefixTunedModel(Blip2ForConditionalGeneration(config), PrefixConfig())
 
 
-def _meta_language_model(family: str, preset: str | None, path: str | None) -> Any:
-    """A language model from a checkpoint's config, or the text preset's geometry (its word vocabulary)."""
+def _meta_family_model(family: str, preset: str | None, path: str | None) -> Any:
+    """A language model or BLIP from a checkpoint's config, or its embedded preset's geometry (word vocabulary)."""
     if path is not None:
         from transformers import AutoConfig
 
         from ptscale.models.backbone import new_model
 
         return new_model(family, AutoConfig.from_pretrained(path))
+    if family == "blip":
+        from ptscale.models.blip import new_tiny_blip
+
+        return new_tiny_blip(preset)[0]
     from ptscale.models.pretrain_text import new_text_model
 
     return new_text_model(preset)[0]
@@ -130,13 +134,12 @@ def _meta_language_model(family: str, preset: str | None, path: str | None) -> A
 def _family(preset: str | None, path: str | None):
     """The model family of ``--path`` (detected from its config.json), else of the preset."""
     from ptscale.models.families import FAMILIES, family_of_checkpoint
-    from ptscale.models.presets import PRESETS, TEXT_PRESETS, preset_family
+    from ptscale.models.presets import check_preset, preset_family
 
     if path is not None:
         return FAMILIES[family_of_checkpoint(path) or "blip2"]
     preset = preset or DEFAULT_PRESET
-    if preset not in PRESETS and preset not in TEXT_PRESETS:
-        raise RecipeError(f"--model {preset}: unknown preset; known: {', '.join([*PRESETS, *TEXT_PRESETS])}")
+    check_preset(preset, "--model")
     return FAMILIES[preset_family(preset)]
 
 
@@ -148,7 +151,7 @@ def group_sizes(preset: str | None, path: str | None) -> dict[str, int]:
 
     model = meta_model(preset, path)
     family = _family(preset, path)
-    inject_lora(model, LoraConfig(targets=family.lora_targets) if family.is_language_model else LoraConfig())
+    inject_lora(model, LoraConfig(targets=family.lora_targets) if family.lora_targets else LoraConfig())
     return sizes(model)
 
 
@@ -159,7 +162,10 @@ def lora_targets(model: Any) -> dict[str, dict[str, int]]:
 
     from ptscale.tuners.lora import COMPONENT_ROOTS
 
-    roots = COMPONENT_ROOTS if hasattr(model.base, "qformer") else {"language_model": "base."}  # a standalone LM
+    if hasattr(model.base, "qformer") or hasattr(model.base, "text_decoder"):  # BLIP-2's or BLIP's towers
+        roots = {c: r for c, r in COMPONENT_ROOTS.items() if any(n.startswith(r) for n, _ in model.named_parameters())}
+    else:
+        roots = {"language_model": "base."}  # a standalone language model
     out: dict[str, dict[str, int]] = {}
     for component, root in roots.items():
         found: dict[str, int] = {}

@@ -16,8 +16,9 @@ import pytest
 from ptscale import listing
 from ptscale.config import load_recipe
 from ptscale.docs import markdown, recipe_keys
+from ptscale.models.families import FAMILIES
 from ptscale.models.groups import GROUP_ALIASES, GROUPS
-from ptscale.models.presets import PRESETS
+from ptscale.models.presets import ALL_PRESETS
 from ptscale.plans import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +63,23 @@ def test_ls_lists_every_preset_plan_form_group_and_recipe(capsys):
     assert listing.run_ls(argparse.Namespace(what=None, model=None, path=None, help_text=False,
                                              markdown=False)) == 0
     out = capsys.readouterr().out
-    for preset in PRESETS:
+    for preset in ALL_PRESETS:
         assert preset in out
     for method in METHODS:
         assert f"\n  {method} " in out and f"prefix->{method}" in out or method == "prefix"
-    for group in (*GROUPS, *GROUP_ALIASES):
+    for group in (*FAMILIES["blip2"].groups, *GROUP_ALIASES):  # the default model's groups (BLIP's: their own)
         assert f"\n  {group} " in out
     for recipe in listing.shipped_recipes():
         assert f"\n  {recipe} " in out
+
+
+@pytest.mark.parametrize("preset", ["tiny-blip", "tiny-llama-text"])
+def test_ls_groups_and_targets_of_the_other_families_presets(capsys, preset):
+    for what in ("groups", "targets"):
+        assert listing.run_ls(argparse.Namespace(what=what, model=preset, path=None, help_text=False,
+                                                 markdown=False)) == 0
+    out = capsys.readouterr().out
+    assert f"of {preset}" in out and "prefix " in out and "self" in out  # sizes, then the attention Linear targets
 
 
 def test_every_listed_plan_expands(tmp_path):
@@ -92,10 +102,9 @@ def test_group_sizes_are_the_models_own():
 
 def test_lora_targets_come_from_the_models_linear_modules_and_match_the_default():
     from ptscale.config import LoraConfig
-    from ptscale.tuners.lora import COMPONENT_ROOTS
 
     found = listing.lora_targets(listing.meta_model("tiny-blip2-opt", None))
-    assert set(found) == set(COMPONENT_ROOTS)
+    assert set(found) == {"vision", "qformer", "language_model"}  # BLIP-2's towers (BLIP's are not listed for it)
     for component, targets in LoraConfig().targets.items():
         assert set(targets) <= set(found[component])
     assert "self_attn.q_proj" in found["language_model"] and "crossattention.attention.query" in found["qformer"]
@@ -104,7 +113,7 @@ def test_lora_targets_come_from_the_models_linear_modules_and_match_the_default(
 def test_ls_of_an_unknown_model_is_one_line():
     proc = run_cli("ls", "groups", "--model", "nope")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"ptscale: error: --model nope: unknown preset; known: {', '.join(PRESETS)}"]
+        f"ptscale: error: --model: unknown preset 'nope'; known: {', '.join(ALL_PRESETS)} (`ptscale ls presets`)"]
 
 
 # --- shipped recipes and cp ---------------------------------------------------------------------------------------
@@ -161,3 +170,12 @@ def test_bare_ptscale_prints_help_and_version_is_known():
 def test_verbose_and_quiet_exclude_each_other():
     proc = run_cli("config", "-v", "-q")
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+def test_ls_of_language_models():
+    """A language-model checkpoint's groups (full = the language model) and default LoRA targets (q / v)."""
+    groups = run_cli("ls", "groups", "--model", "tiny-llama-text")
+    assert groups.returncode == 0, groups.stderr
+    assert "qformer" not in groups.stdout and "= language_model" in groups.stdout
+    targets = run_cli("ls", "targets")
+    assert "llama lora.targets.language_model: q_proj v_proj" in targets.stdout

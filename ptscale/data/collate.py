@@ -66,11 +66,19 @@ class CaptionCollator:
         attention_mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
         return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask}
 
+    def generated(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The new tokens of ``generate``'s output (which repeats the prompt first)."""
+        return ids[:, batch["input_ids"].shape[1]:]
+
 
 def make_collator(model_parts, data_cfg):
     """The collator for a backbone (or its BackboneSource: tokenizer, image processor, query tokens, image
     token id) and a recipe's data section: the one place it is built. A language model (its ``kind``) gets a
-    :class:`ptscale.data.text_collate.TextCollator`."""
+    :class:`ptscale.data.text_collate.TextCollator`; BLIP (family ``blip``) ``ptscale.data.blip_collate``'s."""
+    if getattr(model_parts, "family", "blip2") == "blip":
+        from ptscale.data.blip_collate import blip_collator
+
+        return blip_collator(model_parts, data_cfg)
     kind = getattr(model_parts, "kind", "vision-language")
     if kind != "vision-language":
         return make_text_collator(model_parts.tokenizer, data_cfg, seq2seq=kind == "seq2seq-lm")

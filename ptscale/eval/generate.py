@@ -57,7 +57,7 @@ def generate_captions(model, collator: CaptionCollator, records: Sequence[dict],
         bar.update(len(mine[i:i + cfg.batch_size]))
         if discard:
             continue
-        new_tokens = ids[:, batch["input_ids"].shape[1]:]  # generate returns the prompt too
+        new_tokens = collator.generated(ids, batch)  # generate returns the prompt too
         texts = collator.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for record, text in zip(chunk, texts, strict=True):
             out[record_key(record)] = text.strip()

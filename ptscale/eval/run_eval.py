@@ -45,7 +45,9 @@ from ptscale.eval.captioning import SPICE_CHOICES
 from ptscale.eval.evaluate import generate_gathered, load_eval_data, score
 
 EVAL_RESULTS = "eval_results.json"
-EVAL_ROWS = {"caption": "eval_captions.json", "vqa": "eval_answers.json"}  # per-item rows, by task
+EVAL_ROWS = {"caption": "eval_captions.json", "vqa": "eval_answers.json",  # per-item rows, by task
+             "text": "eval_predictions.json"}
+COUNTED = {"caption": ("n_images", "images"), "vqa": ("n_questions", "questions"), "text": ("n_records", "records")}
 
 # --- Settings and distribution -----------------------------------------------------------------------------
 
@@ -199,8 +201,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if outcome is not None:
         r = outcome.results
         shown = "  ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
-        count = r.get("n_images", r.get("n_questions"))
-        print(f"[eval {r['data']['split']}: {count} {'questions' if r['task'] == 'vqa' else 'images'}, "
+        key, what = COUNTED[r["task"]]
+        print(f"[eval {r['data']['split']}: {r.get(key)} {what}, "
               f"{r['checkpoint']}] {shown}")
         for name, reason in r["unavailable"].items():
             print(f"{name}: n/a ({reason})")

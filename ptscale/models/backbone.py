@@ -42,6 +42,10 @@ class Backbone:
         return family_kind(self.family)
 
     @property
+    def config(self):
+        return self.model.config
+
+    @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
@@ -131,12 +135,17 @@ def ensure_default_backbone(cfg: ModelConfig, *, rank: int = 0, barrier=None) ->
 
 
 def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
-    from ptscale.models.pretrain import pretrain_default
+    from ptscale.models.presets import BLIP_PRESETS
+
+    if cfg.preset in BLIP_PRESETS:
+        from ptscale.models.blip import pretrain_tiny_blip as pretrain
+    else:
+        from ptscale.models.pretrain import pretrain_default as pretrain
 
     t0 = time.time()
     log.info("pre-training the default %s backbone (%d steps, once; cached at %s)",
                 cfg.preset, cfg.pretrain_steps, directory)
-    model, tokenizer, image_processor = pretrain_default(cfg.preset, cfg.pretrain_steps)
+    model, tokenizer, image_processor = pretrain(cfg.preset, cfg.pretrain_steps)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -186,10 +195,16 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def model_class(family: str):
-    """The transformers class a family's checkpoints load as (ptscale.models.families)."""
+def model_class(family: str, config=None):
+    """The transformers class a family's checkpoints load as (ptscale.models.families); BLIP's depends on the
+    checkpoint's architecture (``config``: captioning or VQA)."""
     from ptscale.models.families import FAMILIES
 
+    if family == "blip":
+        from ptscale.models.blip import blip_task
+        from ptscale.models.blip import model_class as blip_class
+
+        return blip_class(blip_task(config))
     kind = FAMILIES[family].kind
     if kind == "vision-language":
         return Blip2ForConditionalGeneration
@@ -200,17 +215,25 @@ def model_class(family: str):
 
 def new_model(family: str, config):
     """A family's model from its config, with fresh weights (on the current default device, e.g. meta)."""
-    cls = model_class(family)
-    return cls(config) if family == "blip2" else cls.from_config(config)
+    cls = model_class(family, config)
+    return cls(config) if family in ("blip2", "blip") else cls.from_config(config)
 
 
-def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none", family: str = "blip2") -> Backbone:
+def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none",
+                  family: str | None = None) -> Backbone:
+    """``family``: the recipe's (``model.family``); None: detected from the checkpoint's config.json."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path {path}: no config.json there; point it at a local HF checkpoint "
                                 "directory (e.g. a copy of Salesforce/blip2-opt-2.7b)")
     quant = quantization_config(quantization, dtype)
-    cls = model_class(family)
+    from transformers import AutoConfig
+
+    from ptscale.models.families import family_of_checkpoint
+
+    family = family or family_of_checkpoint(path) or "blip2"
+
+    cls = model_class(family, AutoConfig.from_pretrained(path) if family == "blip" else None)
     if quant is None:
         model = cls.from_pretrained(path, dtype=DTYPES[dtype])
     else:  # bitsandbytes quantises while loading, on the device this rank computes on
@@ -219,12 +242,12 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
         if device == "cpu":
             _keep_cpu_4bit_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if family != "blip2":  # a language model: no images
+    if family_kind(family) != "vision-language":  # a language model: no images
         return Backbone(model, tokenizer, None, path, family)
     image_processor = AutoImageProcessor.from_pretrained(path)
-    if getattr(model.config, "image_token_id", None) is None:
+    if family == "blip2" and getattr(model.config, "image_token_id", None) is None:
         raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
-    return Backbone(model, tokenizer, image_processor, path)
+    return Backbone(model, tokenizer, image_processor, path, family)
 
 
 # --- Where the backbone comes from: checked, identified and tokenised before any model is built --------------
@@ -253,8 +276,6 @@ class BackboneSource:
     @property
     def num_query_tokens(self) -> int:
         return self.config.num_query_tokens
-
-
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -306,9 +327,15 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     """The backbone a recipe names (pre-training the embedded default once if it is not cached), with its
     tokenizer and image processor, without loading its weights. ``build=False`` (a dry run): an embedded default
     that is not cached yet is described by its preset's geometry instead of being pre-trained."""
-    from ptscale.models.presets import uses_random_weights
+    from ptscale.models.presets import BLIP_PRESETS, uses_random_weights
 
+    if cfg.path is None and cfg.preset in BLIP_PRESETS:
+        _check_blip_preset(cfg)
     if not build and not cfg.path and not uses_random_weights(cfg) and not is_complete(default_backbone_dir(cfg)):
+        if cfg.preset in BLIP_PRESETS:
+            model, tokenizer, processor = _untrained_blip(cfg.preset)
+            return BackboneSource(None, model.config, tokenizer, processor, {
+                "source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""}, family="blip")
         from ptscale.models.presets import TEXT_PRESETS
 
         if cfg.preset in TEXT_PRESETS:
@@ -337,10 +364,11 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     from transformers import AutoConfig
 
     from ptscale.errors import RecipeError
+    from ptscale.models.families import family_of_checkpoint
 
     config = AutoConfig.from_pretrained(path)
-    family = cfg.family or "blip2"
-    if family != "blip2":
+    family = cfg.family or family_of_checkpoint(path) or "blip2"  # set by the recipe's validation; else detected
+    if family_kind(family) != "vision-language":
         return _language_model_source(cfg, path, config, family)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -348,12 +376,14 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     except (OSError, ValueError) as e:
         raise RecipeError(f"model.path {path}: its tokenizer or image processor cannot be loaded "
                           f"({str(e).splitlines()[0]}); save them beside the weights") from None
-    if getattr(config, "image_token_id", None) is None:
+    if family == "blip":
+        _check_blip_checkpoint(path, config)
+    elif getattr(config, "image_token_id", None) is None:
         raise RecipeError(f"model.path {path}: config has no image_token_index; re-save it with a transformers 5 "
                           "processor")
     source = str(path) if cfg.path else f"embedded default {path.name}"
     return BackboneSource(path, config, tokenizer, image_processor,
-                          {"source": source, "path": str(path), "digest": backbone_digest(path)})
+                          {"source": source, "path": str(path), "digest": backbone_digest(path)}, family=family)
 
 
 def _language_model_source(cfg: ModelConfig, path: Path, config, family: str) -> BackboneSource:
@@ -369,3 +399,36 @@ def _language_model_source(cfg: ModelConfig, path: Path, config, family: str) ->
     source = str(path) if cfg.path else f"embedded default {path.name}"
     return BackboneSource(path, config, tokenizer, None, {"source": source, "path": str(path),
                                                           "digest": backbone_digest(path)}, family=family)
+
+
+def _untrained_blip(preset: str) -> tuple[object, object, object]:
+    """The tiny BLIP default on the meta device (its config), tokenizer and image processor: a dry run's
+    description of a default that is not pre-trained yet."""
+    from ptscale.models.blip import new_tiny_blip, tiny_processor
+
+    with torch.device("meta"):
+        model, tokenizer = new_tiny_blip(preset)
+    return model, tokenizer, tiny_processor(preset)
+
+
+def _check_blip_preset(cfg: ModelConfig) -> None:
+    """A BLIP preset is the embedded default only: pre-trained (no random-weights build), unquantised."""
+    from ptscale.errors import RecipeError
+
+    if cfg.pretrain_steps == 0:
+        raise RecipeError(f"model.pretrain_steps: 0 (random weights) is not offered for the BLIP preset {cfg.preset}; "
+                          "use pretrain_steps > 0, or model.path for a BLIP checkpoint")
+    if cfg.quantization != "none":
+        raise RecipeError(f"model.quantization={cfg.quantization}: not offered for the BLIP preset {cfg.preset} (a "
+                          "small model); set model.quantization: none")
+
+
+def _check_blip_checkpoint(path: Path, config) -> None:
+    """A BLIP checkpoint ptscale trains: captioning or VQA (one line for any other architecture)."""
+    from ptscale.errors import RecipeError
+    from ptscale.models.blip import blip_task
+
+    try:
+        blip_task(config)
+    except ValueError as e:
+        raise RecipeError(f"model.path {path}: {e}") from None

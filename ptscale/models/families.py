@@ -7,6 +7,8 @@ A family is named by ``model.family`` or detected from a checkpoint's ``config.j
 family   model_type    loaded as                       prefix targets (default)    LoRA targets (default)
 =======  ============  ==============================  ==========================  ===========================
 blip2    blip-2        Blip2ForConditionalGeneration   qformer 8, language_model 8  Q-Former self-attn q, k, v
+blip     blip          BlipForConditionalGeneration    decoder 8                   text decoder self-attn q, v
+                       / BlipForQuestionAnswering      (VQA: encoder 8 too)
 opt      opt           AutoModelForCausalLM            language_model 8            q_proj, v_proj
 llama    llama         AutoModelForCausalLM            language_model 8            q_proj, v_proj
 qwen2    qwen2         AutoModelForCausalLM            language_model 8            q_proj, v_proj
@@ -35,6 +37,8 @@ class Family:
     full: tuple[str, ...]  # what the group alias "full" trains (word embeddings and LM head stay frozen)
     prefix_lengths: dict[str, int] = field(default_factory=dict)
     lora_targets: dict[str, list[str]] = field(default_factory=dict)
+    # prefix.lengths keys its models take (ptscale.prefix.targets finds their attention modules)
+    prefix_targets: tuple[str, ...] = ("language_model",)
 
     @property
     def is_language_model(self) -> bool:
@@ -48,14 +52,24 @@ _QV = {"language_model": ["q_proj", "v_proj"]}
 FAMILIES: dict[str, Family] = {
     "blip2": Family("blip2", "blip-2", "vision-language",
                     (*_TUNERS, "embeddings", "lm_head", "vision", "qformer", "projection", "language_model"),
-                    ("vision", "qformer", "projection", "language_model")),
+                    ("vision", "qformer", "projection", "language_model"),
+                    # encoder / decoder: a Flan-T5 language model's own stacks
+                    prefix_targets=("qformer", "vision", "language_model", "encoder", "decoder")),
+    # BLIP (ptscale.models.blip): captioning or VQA by the checkpoint's architecture; prefixes through module wrappers
+    "blip": Family("blip", "blip", "vision-language",
+                   (*_TUNERS, "embeddings", "lm_head", "vision", "text_encoder", "text_decoder"),
+                   ("vision", "text_encoder", "text_decoder"), {"decoder": 8},
+                   {"text_decoder": ["attention.self.query", "attention.self.value"]},
+                   prefix_targets=("vision", "encoder", "decoder", "language_model")),
     "opt": Family("opt", "opt", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),
     "llama": Family("llama", "llama", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),
     "qwen2": Family("qwen2", "qwen2", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),
     "t5": Family("t5", "t5", "seq2seq-lm", _LM_GROUPS, ("language_model",), {"language_model": 8},
-                 {"language_model": ["q", "v"]}),
+                 {"language_model": ["q", "v"]}, prefix_targets=("encoder", "decoder", "language_model")),
 }
 BY_MODEL_TYPE: dict[str, str] = {f.model_type: f.name for f in FAMILIES.values()}
+# Every prefix target name any family takes: what prefix.lengths may name.
+PREFIX_TARGETS: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.prefix_targets))
 
 
 def supported() -> str:

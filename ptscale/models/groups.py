@@ -19,11 +19,15 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("lora", r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\."),
     ("adapter", r"\.ptscale_adapter\."),
     ("embeddings", r"language_model\.(model\.)?(decoder\.)?(embed_tokens|embed_positions|shared)\."),
-    ("lm_head", r"language_model\.lm_head\."),
+    # BLIP: word and position embeddings of its text encoder / decoder; the decoder's prediction head
+    ("embeddings", r"^base\.text_(encoder|decoder\.bert)\.embeddings\.(word|position)_embeddings\."),
+    ("lm_head", r"language_model\.lm_head\.|^base\.text_decoder\.cls\."),
     ("vision", r"^base\.vision_model\."),
     ("qformer", r"^base\.(qformer\.|query_tokens$)"),
     ("projection", r"^base\.language_projection\."),
     ("language_model", r"^base\.language_model\."),
+    ("text_encoder", r"^base\.text_encoder\."),  # BLIP VQA's question encoder (BERT with cross-attention)
+    ("text_decoder", r"^base\.text_decoder\."),  # BLIP's caption / answer decoder
     # a standalone language model (OPT, Llama, Qwen2: base.model.*, base.lm_head; T5: base.shared, encoder, decoder)
     ("embeddings", r"^base\.(model\.)?(decoder\.)?(embed_tokens|embed_positions|shared)\."),
     ("lm_head", r"^base\.lm_head\."),
@@ -31,9 +35,10 @@ _RULES: tuple[tuple[str, str], ...] = (
 )
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g for g, _ in _RULES))
 # The model's towers that take tuners (LoRA targets, adapter components): themselves parameter groups.
-Component = Literal["vision", "qformer", "language_model"]
-COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model")
-# "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5).
+Component = Literal["vision", "qformer", "language_model", "text_encoder", "text_decoder"]
+COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model", "text_encoder", "text_decoder")
+# "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5). BLIP-2's towers here;
+# a model family's own "full" (BLIP's vision and text towers, a language model's) is in ptscale.models.families.
 GROUP_ALIASES: dict[str, tuple[str, ...]] = {"full": ("vision", "qformer", "projection", "language_model")}
 
 

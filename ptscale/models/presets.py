@@ -48,6 +48,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# BLIP (ptscale.models.blip): the tiny captioning default, pre-trained once and cached like tiny-blip2-opt.
+BLIP_PRESETS: dict[str, dict] = {
+    "tiny-blip": {
+        "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "attention_dropout": 0.0},
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "encoder_hidden_size": 64, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+                        "attention_probs_dropout_prob": 0.0},
+    },
+}
+
+
 # Language-model presets (LlamaConfig keys; the vocabulary and special tokens come from the tokenizer).
 # tiny-llama-text is the text embedded default: grouped-query attention (4 query heads, 2 KV heads) and RoPE.
 TEXT_PRESETS: dict[str, dict] = {
@@ -56,19 +68,33 @@ TEXT_PRESETS: dict[str, dict] = {
                         "rope_theta": 10000.0, "tie_word_embeddings": False},
 }
 
-# Presets with an embedded pre-training recipe (ptscale.models.pretrain): without model.path they are pre-trained
-# once and cached. The others are geometries: random weights without a checkpoint.
-PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text")
+# Presets with an embedded pre-training recipe (ptscale.models.pretrain, ptscale.models.blip): without model.path
+# they are pre-trained once and cached. The others are geometries: random weights without a checkpoint.
+PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text", *BLIP_PRESETS)
+
+
+ALL_PRESETS: tuple[str, ...] = (*PRESETS, *BLIP_PRESETS, *TEXT_PRESETS)
+
+
+def check_preset(preset: str, where: str) -> None:
+    """``where``: how the user named it (``model.preset``, ``--model``)."""
+    from ptscale.errors import RecipeError
+
+    if preset not in ALL_PRESETS:
+        raise RecipeError(f"{where}: unknown preset {preset!r}; known: {', '.join(ALL_PRESETS)} (`ptscale ls presets`)")
 
 
 def preset_spec(preset: str) -> dict:
-    """A preset's geometry, BLIP-2 or language model."""
-    return PRESETS[preset] if preset in PRESETS else TEXT_PRESETS[preset]
+    """A preset's geometry: BLIP-2, BLIP or language model."""
+    check_preset(preset, "model.preset")
+    return {**PRESETS, **BLIP_PRESETS, **TEXT_PRESETS}[preset]
 
 
 def preset_family(preset: str) -> str:
     """The model family of a preset (ptscale.models.families)."""
-    return TEXT_PRESETS[preset]["model_type"] if preset in TEXT_PRESETS else "blip2"
+    if preset in TEXT_PRESETS:
+        return TEXT_PRESETS[preset]["model_type"]
+    return "blip" if preset in BLIP_PRESETS else "blip2"
 
 
 def uses_random_weights(model_cfg) -> bool:

@@ -295,12 +295,14 @@ def _plus_kernel_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def _plus_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, prefix: PlusLayer, scaling: float, dropout: float,
                   kwargs: dict) -> torch.Tensor:
-    """A Prefix-Tuning+ layer: (B, L, H, D) = SDPA over the sequence + the gated memory term."""
+    """A Prefix-Tuning+ layer: (B, L, H, D) = SDPA over the sequence + the gated memory term.
+
+    Both prefix mechanisms call it; a module wrapper hands an arbitrary additive mask in as ``position_bias``."""
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else bool(causal)
     outside_kernel = ("q_len != kv_len (decoding with a KV cache)" if query.shape[2] != key.shape[2]
                       else "grouped-query attention" if query.shape[1] != key.shape[1]
-                      else "an additive position bias" if kwargs.get("position_bias") is not None else None)
+                      else "an additive position bias or mask" if kwargs.get("position_bias") is not None else None)
     if outside_kernel is None and choose_backend(query, dropout, variant="plus") == "triton":
         mask = sequence_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, causal=causal)
         if _mask_is_key_padding(query, mask, causal):
@@ -315,6 +317,37 @@ def _plus_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                     dropout=dropout, **kwargs)
     return out + memory_term(query, prefix, scaling).transpose(1, 2)
+
+
+def classic_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             prefix_k: torch.Tensor, prefix_v: torch.Tensor, mask: torch.Tensor | None, *,
+                             causal: bool, scaling: float, dropout: float,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Classic prefix attention, (B, L, H, D): the one place that picks the Triton kernel or the reference path.
+
+    Both prefix mechanisms call it (the attention-interface hook below and the module wrappers of
+    ``ptscale.prefix.wrapper``). ``mask``: the boolean sequence mask as ``sequence_mask`` returns it (causality
+    already in it); ``causal``: whether the layer is causal (the kernel's flag; the mask is checked to be
+    exactly causal + key padding before the kernel takes it); ``bias``: an additive score bias over the
+    sequence keys (T5's position bias, or a module's arbitrary additive mask), which keeps the reference path.
+    """
+    outside_kernel = ("decoding with a KV cache" if causal and query.shape[2] != key.shape[2]
+                      else "grouped-query attention" if query.shape[1] != key.shape[1]
+                      else "an additive position bias or mask" if bias is not None else None)
+    if outside_kernel is None and choose_backend(query, dropout) == "triton":
+        if _mask_is_key_padding(query, mask, causal):
+            _served("classic", "triton")
+            out = _kernel_call(module, query, key, value, prefix_k, prefix_v, mask, scaling, causal=causal)
+            return out.transpose(1, 2).contiguous()
+        # The kernel was chosen (auto or forced) but cannot express this mask: say so once, whatever the setting.
+        _log_once(f"outside:{NOT_KEY_PADDING}",
+                  f"prefix attention: reference path for {NOT_KEY_PADDING} (the Triton kernel does not cover it)")
+    elif outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
+        _log_once(f"outside:{outside_kernel}",
+                  f"prefix attention: reference path for {outside_kernel} (the Triton kernel does not cover it)")
+    _served("classic", "reference")
+    out = reference_prefix_attention(query, key, value, prefix_k, prefix_v, mask, scaling, dropout, bias=bias)
+    return out.transpose(1, 2).contiguous()
 
 
 def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -337,24 +370,8 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else bool(causal)
     mask = sequence_mask(module, attention_mask, query.shape[2], key.shape[2], query.device, causal=causal)
-    bias = kwargs.get("position_bias")
-    outside_kernel = ("decoding with a KV cache" if causal and query.shape[2] != key.shape[2]
-                      else "grouped-query attention" if query.shape[1] != key.shape[1]
-                      else "an additive position bias" if bias is not None else None)
-    if outside_kernel is None and choose_backend(query, dropout) == "triton":
-        if _mask_is_key_padding(query, mask, causal):
-            _served("classic", "triton")
-            out = _kernel_call(module, query, key, value, pk, pv, mask, scaling, causal=causal)
-            return out.transpose(1, 2).contiguous(), None
-        # The kernel was chosen (auto or forced) but cannot express this mask: say so once, whatever the setting.
-        _log_once(f"outside:{NOT_KEY_PADDING}",
-                  f"prefix attention: reference path for {NOT_KEY_PADDING} (the Triton kernel does not cover it)")
-    elif outside_kernel is not None and os.environ.get("PTSCALE_ATTENTION") == "triton":
-        _log_once(f"outside:{outside_kernel}",
-                  f"prefix attention: reference path for {outside_kernel} (the Triton kernel does not cover it)")
-    _served("classic", "reference")
-    out = reference_prefix_attention(query, key, value, pk, pv, mask, scaling, dropout, bias=bias)
-    return out.transpose(1, 2).contiguous(), None
+    return classic_prefix_attention(module, query, key, value, pk, pv, mask, causal=causal, scaling=scaling,
+                                    dropout=dropout, bias=kwargs.get("position_bias")), None
 
 
 def register() -> None:

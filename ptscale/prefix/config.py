@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ptscale.errors import RecipeError
+from ptscale.models.families import PREFIX_TARGETS
 from ptscale.plans import documented
-
-# Where a prefix can go (ptscale.prefix.targets finds the modules per model family).
-PREFIX_TARGETS = ("qformer", "vision", "language_model", "encoder", "decoder")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """PrefixTunedModel: a transformers model plus one prefix module per target.
 
 Each forward (and each ``generate``) first calls the prefix modules, then the wrapped model; every
-prefixed attention layer reads its slice through the attention hook (``ptscale.prefix.attention``).
+prefixed attention layer reads its slice through the attention hook (``ptscale.prefix.attention``) or, where
+the model's attention does not dispatch through the interface (BLIP), through the module wrapper that
+replaced it (``ptscale.prefix.wrapper``).
 The Q-Former has no ``past_key_values``, which is why the prefix enters at the attention interface;
 the same hook serves T5's encoder (which a past-key-values prefix cannot reach either), gradient
 checkpointing (the hook re-reads the stored prefixes on recomputation) and the KV cache (the cache
@@ -33,7 +35,16 @@ from ptscale.prefix.attention import ATTN_IMPLEMENTATION, PrefixSlot, PrefixStor
 from ptscale.prefix.config import PrefixConfig
 from ptscale.prefix.encoder import FoldedPrefix, PrefixEncoder, PrefixShape
 from ptscale.prefix.plus import PlusPrefix, PlusState
-from ptscale.prefix.targets import PrefixHookError, check_reached, resolve
+from ptscale.prefix.targets import (
+    WRAPPER,
+    WRAPPER_ONLY,
+    PrefixHookError,
+    check_reached,
+    is_causal_layer,
+    mechanism,
+    resolve,
+)
+from ptscale.prefix.wrapper import wrap
 
 __all__ = ["PrefixHookError", "PrefixTunedModel", "matched_norm_noise", "prefix_parameter_report"]
 
@@ -101,10 +112,14 @@ class PrefixTunedModel(nn.Module):
                     raise PrefixHookError(f"{name} is in both prefix targets {owner[name]!r} and {target.name!r}; "
                                           "give it a prefix length in one of them only")
                 owner[name] = target.name
-        base.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if base.config.model_type not in WRAPPER_ONLY:  # BLIP keeps its eager masks: its own attention reads them
+            base.set_attn_implementation(ATTN_IMPLEMENTATION)
         for target, length in targets:
             for idx, (name, module) in enumerate(target.layers):
-                check_reached(name, module, ATTN_IMPLEMENTATION)
+                if mechanism(name, module) == WRAPPER:  # replaced in place by a wrapper that owns no weights
+                    module = wrap(base, name, module, causal=is_causal_layer(base, name))
+                else:
+                    check_reached(name, module, ATTN_IMPLEMENTATION)
                 attach(module, PrefixSlot(self._store, target.name, idx))
             shape = PrefixShape(num_layers=len(target.layers), num_heads=target.kv_heads, head_dim=target.head_dim,
                                 length=length)

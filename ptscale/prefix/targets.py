@@ -16,11 +16,12 @@ blip               vision, encoder (BlipForQuestionAnswering's text encoder), de
                    decoder), language_model (= text encoder + decoder)
 =================  =============================================================================
 
-A module gets a prefix only if its ``forward`` dispatches through transformers' attention interface
-(``ALL_ATTENTION_FUNCTIONS``) and ``set_attn_implementation`` reaches its config. Anything else raises
-:class:`PrefixHookError` naming the module: a prefix is never silently dropped. In transformers 5.23,
-T5Attention dispatches (with its relative-position bias as ``position_bias``); BLIP's attention
-(``BlipAttention``, ``BlipTextSelfAttention``) does not, so every BLIP target raises.
+A module gets a prefix through one of two mechanisms (``mechanism``): the attention-interface hook
+(``ptscale.prefix.attention``) when its ``forward`` dispatches through transformers' attention interface
+(``ALL_ATTENTION_FUNCTIONS``) and ``set_attn_implementation`` reaches its config (BLIP-2, OPT, Llama, Qwen2,
+T5 in transformers 5.23), or a module wrapper (``ptscale.prefix.wrapper``) for the classes that compute
+attention themselves and have one (BLIP's ``BlipAttention`` and ``BlipTextSelfAttention``). Anything else
+raises :class:`PrefixHookError` naming the module: a prefix is never silently dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ptscale.prefix.config import PREFIX_TARGETS
+from ptscale.models.families import BY_MODEL_TYPE, FAMILIES
+from ptscale.prefix.wrapper import WRAPPERS
 
 
 class PrefixHookError(RuntimeError):
@@ -108,25 +110,27 @@ def _blip_text(base: nn.Module, part: str) -> Layers:
     return found
 
 
-FINDERS: dict[str, dict[str, Callable[[nn.Module], Layers]]] = {
-    "blip-2": {
-        "qformer": lambda m: [(f"qformer.encoder.layer.{i}.attention.attention", layer.attention.attention)
-                              for i, layer in enumerate(m.qformer.encoder.layer)],
-        "vision": lambda m: _vit_self_attention(m.vision_model, "vision_model."),
-        "language_model": lambda m: _blip2_lm(m, "language_model"),
-        "encoder": lambda m: _blip2_lm(m, "encoder"),
-        "decoder": lambda m: _blip2_lm(m, "decoder"),
-    },
-    "t5": {part: (lambda m, p=part: _t5(m, p)) for part in ("encoder", "decoder", "language_model")},
-    "blip": {
-        "vision": lambda m: _vit_self_attention(m.vision_model, "vision_model."),
-        **{part: (lambda m, p=part: _blip_text(m, p)) for part in ("encoder", "decoder", "language_model")},
-    },
-    **{t: {"language_model": lambda m: _lm_self_attention(m, "")} for t in ("opt", "llama", "qwen2")},
+def _blip2(base: nn.Module, target: str) -> Layers:
+    if target == "qformer":
+        return [(f"qformer.encoder.layer.{i}.attention.attention", layer.attention.attention)
+                for i, layer in enumerate(base.qformer.encoder.layer)]
+    if target == "vision":
+        return _vit_self_attention(base.vision_model, "vision_model.")
+    return _blip2_lm(base, target)
+
+
+def _blip(base: nn.Module, target: str) -> Layers:
+    if target == "vision":
+        return _vit_self_attention(base.vision_model, "vision_model.")
+    return _blip_text(base, target)
+
+
+# model type -> (model, target) -> its layers. The target names each family takes are defined with the family
+# (ptscale.models.families.Family.prefix_targets); these find them.
+FINDERS: dict[str, Callable[[nn.Module, str], Layers]] = {
+    "blip-2": _blip2, "blip": _blip, "t5": _t5,
+    **dict.fromkeys(("opt", "llama", "qwen2"), lambda base, target: _lm_self_attention(base, "")),
 }
-_unknown = {t for f in FINDERS.values() for t in f} - set(PREFIX_TARGETS)
-if _unknown:  # the recipe validation (ptscale.config.PREFIX_TARGETS) must know every target
-    raise RuntimeError(f"prefix targets {sorted(_unknown)} are missing from ptscale.config.PREFIX_TARGETS")
 
 
 def find_layers(base: nn.Module, target: str) -> Layers:
@@ -134,24 +138,40 @@ def find_layers(base: nn.Module, target: str) -> Layers:
     if model_type not in FINDERS:
         raise PrefixHookError(f"no prefix targets known for model type {model_type!r} ({type(base).__name__}); "
                               f"supported: {', '.join(FINDERS)} (ptscale.prefix.targets.FINDERS)")
-    finders = FINDERS[model_type]
-    if target not in finders:
+    targets = FAMILIES[BY_MODEL_TYPE[model_type]].prefix_targets
+    if target not in targets:
         raise PrefixHookError(f"prefix target {target!r} does not exist for {model_type} ({type(base).__name__}); "
-                              f"its targets: {', '.join(finders)}")
-    layers = finders[target](base)
+                              f"its targets: {', '.join(targets)}")
+    layers = FINDERS[model_type](base, target)
     if not layers:
         raise PrefixHookError(f"prefix target {target!r}: no attention layers found in {type(base).__name__}")
     return layers
 
 
 # --- checks and geometry ------------------------------------------------------------------------------
-def check_dispatch(name: str, module: nn.Module) -> None:
-    """Before ``set_attn_implementation``: the module must call the attention interface."""
-    src = inspect.getsource(type(module).forward)
-    if "ALL_ATTENTION_FUNCTIONS" not in src:
-        raise PrefixHookError(
-            f"{name} ({type(module).__name__}) does not dispatch through transformers' attention interface, "
-            "so a prefix cannot be injected there; remove this target from prefix.lengths")
+INTERFACE, WRAPPER = "interface hook", "module wrapper"
+# Model types whose attention takes prefixes through wrappers only: their masks are built for their own
+# (eager) attention, so ``set_attn_implementation`` must leave them alone.
+WRAPPER_ONLY = ("blip",)
+
+
+def mechanism(name: str, module: nn.Module) -> str:
+    """How ``module`` takes its prefix: ``INTERFACE`` (it dispatches through the attention interface) or
+    ``WRAPPER`` (``ptscale.prefix.wrapper`` has a wrapper for its class); else a :class:`PrefixHookError`."""
+    if "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(module).forward):
+        return INTERFACE
+    if type(module) in WRAPPERS:
+        return WRAPPER
+    raise PrefixHookError(
+        f"{name} ({type(module).__name__}) does not dispatch through transformers' attention interface and "
+        "ptscale.prefix.wrapper has no wrapper for it, so a prefix cannot be injected there; remove this target "
+        "from prefix.lengths")
+
+
+def is_causal_layer(base: nn.Module, name: str) -> bool:
+    """Whether a wrapped layer is causal (its own mask says so; this only lets the Triton kernel take it):
+    BLIP's text decoder."""
+    return base.config.model_type == "blip" and name.startswith("text_decoder.")
 
 
 def check_reached(name: str, module: nn.Module, implementation: str) -> None:
@@ -192,7 +212,7 @@ def resolve(base: nn.Module, target: str) -> Target:
     layers = find_layers(base, target)
     shapes = set()
     for name, module in layers:
-        check_dispatch(name, module)
+        mechanism(name, module)
         shapes.add(geometry(name, module))
     if len(shapes) != 1:
         raise PrefixHookError(f"prefix target {target!r}: its layers differ in attention geometry {sorted(shapes)}; "

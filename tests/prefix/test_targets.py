@@ -16,9 +16,11 @@ from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ptscale.config import PREFIX_TARGETS, PrefixConfig
+from ptscale.models.families import BY_MODEL_TYPE
 from ptscale.prefix.attention import SLOT_ATTR
 from ptscale.prefix.model import PrefixHookError, PrefixTunedModel, prefix_parameter_report
-from ptscale.prefix.targets import FINDERS
+from ptscale.prefix.targets import FINDERS, WRAPPER, mechanism
+from ptscale.prefix.wrapper import PrefixAttentionWrapper
 from tests.prefix.families import LENGTHS, build
 
 
@@ -58,11 +60,13 @@ def test_self_attention_only_in_blip2():
     (BlipForQuestionAnswering, "decoder", "text_decoder.bert.encoder.layer.0.attention.self"),
     (BlipForConditionalGeneration, "vision", "vision_model.encoder.layers.0.self_attn"),
 ])
-def test_blip_attention_cannot_take_the_hook(cls, target, module):
-    # transformers 5.23: BLIP's attention computes scores itself (no attention interface).
+def test_blip_attention_takes_its_prefix_through_a_module_wrapper(cls, target, module):
+    # transformers 5.23: BLIP's attention computes scores itself (no attention interface): the second mechanism.
     assert "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(BlipTextSelfAttention.forward)
-    with pytest.raises(PrefixHookError, match=rf"^{module.replace('.', '[.]')} \(Blip\w*Attention\) does not dispatch"):
-        PrefixTunedModel(_blip(cls), PrefixConfig(lengths={target: 2}, encoder_hidden=8))
+    model = PrefixTunedModel(_blip(cls), PrefixConfig(lengths={target: 2}, encoder_hidden=8))
+    wrapped = model.base.get_submodule(module)
+    assert isinstance(wrapped, PrefixAttentionWrapper) and getattr(wrapped, SLOT_ATTR).target == target
+    assert mechanism(module, _blip(cls).get_submodule(module)) == WRAPPER
 
 
 def test_blip_captioning_has_no_text_encoder():
@@ -95,8 +99,10 @@ def test_a_module_the_implementation_does_not_reach_is_an_error(monkeypatch):
         PrefixTunedModel(base, PrefixConfig(lengths={"language_model": 2}))
 
 
-def test_every_finder_target_is_a_config_target():
-    assert all(set(f) <= set(PREFIX_TARGETS) for f in FINDERS.values())
+def test_every_family_has_a_finder_and_its_targets_are_recipe_targets():
+    # target names live with the families (one list); each family's model type has a finder for them
+    assert set(FINDERS) == set(BY_MODEL_TYPE)
+    assert PREFIX_TARGETS == ("qformer", "vision", "language_model", "encoder", "decoder")
 
 
 @pytest.mark.parametrize("kind", ["classic", "plus"])

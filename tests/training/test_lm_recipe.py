@@ -77,6 +77,14 @@ def test_two_rank_zero3_prefix_then_lora(tmp_path, lm_dirs, text_data, family, k
     assert "| evaluated" in out and "perplexity" in out  # the results table, printed at the end
     report = cli("-m", "ptscale.cli", "report", str(run))
     assert report.returncode == 0 and "PPL" in report.stdout, report.stderr
+    again = cli("-m", "ptscale.cli", "eval", str(run), "--out", str(tmp_path / "eval"))  # one rank, whole model
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["metrics"]
+    final = results["evaluations"][-1]["metrics"]
+    # the same weights and records, gathered from 2 ranks vs whole on one: float32 reductions in another order
+    assert metrics["loss"] == pytest.approx(final["loss"], rel=1e-4)
+    # greedy decoding on those logits: a near-tie may flip at most a record or so, never the whole score
+    assert metrics["exact_match"] == pytest.approx(final["exact_match"], abs=1 / 16)
     if kind == "classic":  # the run's model exported and reloaded the documented way
         export = cli("-m", "ptscale.cli", "export", str(run), "--merged", str(tmp_path / "merged"))
         assert export.returncode == 0, export.stderr
@@ -138,3 +146,19 @@ def test_text_default_dry_run_describes_it_without_pre_training(tmp_path):
     assert "dry run OK" in proc.stdout and "embedded default tiny-llama-text (not pre-trained yet)" in proc.stdout
     assert "data synthetic-text/downstream 1024 train / 128 eval" in proc.stdout
     assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,stage2,groups", [
+    (("plan=prefix->full", "model.gradient_checkpointing=true", "methods.full.steps=4",
+      "methods.full.batch_size=8"), "stage-2-prefix+full", {"prefix", "language_model"}),
+    (("plan=prefix->lora", "model.quantization=nf4"), "stage-2-prefix+lora", {"prefix", "lora"}),
+])
+def test_llama_full_fine_tuning_and_quantised_base_one_rank(tmp_path, lm_dirs, text_data, extra, stage2, groups):
+    """full = the language model (embeddings and LM head frozen), with gradient checkpointing; an nf4 base."""
+    short = [a for a in SHORT if not a.startswith("methods.lora") or "lora" in extra[0]]
+    proc = cli(TRAIN, *_text_args(lm_dirs, text_data, "llama"), *short, *extra, f"output_dir={tmp_path}",
+               "run_name=run", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert changed_groups(tmp_path / "run" / "stage-1-prefix") == {"prefix"}
+    assert changed_groups(tmp_path / "run" / stage2) == groups

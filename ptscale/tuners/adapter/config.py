@@ -18,7 +18,8 @@ class AdapterConfig:
         "sequential: Houlsby et al. 2019, x -> x + s*A(x) after each attention output projection and each FFN "
         "output; parallel: He et al. 2022, FFN(x) + s*A(x) beside each FFN")})
     components: list[Component] = field(default_factory=lambda: ["qformer"], metadata={
-        "help": "BLIP-2 components whose layers get adapters"})
+        "help": "components whose layers get adapters (BLIP-2: vision, qformer, language_model; BLIP: vision, "
+                "text_encoder, text_decoder)"})
     bottleneck: int | None = field(default=None, metadata={
         "help": "bottleneck width; give this or budget, not both"})
     budget: int | None = field(default=None, metadata={

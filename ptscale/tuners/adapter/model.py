@@ -41,6 +41,9 @@ COMPONENT_SITES: dict[str, tuple[str, LayerSites]] = {
     "vision": ("vision_model", LayerSites("self_attn.projection", "mlp.fc1", "mlp.fc2")),
     "qformer": ("qformer", LayerSites("attention.output.dense", "intermediate_query.dense", "output_query.dense")),
     "language_model": ("language_model", LayerSites("self_attn.out_proj", "fc1", "fc2")),
+    # BLIP's text towers (BERT layers; the cross-attention to the image gets no adapter, as in the Q-Former)
+    "text_encoder": ("text_encoder", LayerSites("attention.output.dense", "intermediate.dense", "output.dense")),
+    "text_decoder": ("text_decoder", LayerSites("attention.output.dense", "intermediate.dense", "output.dense")),
 }
 
 

@@ -16,13 +16,14 @@ from torch import nn
 from ptscale.tuners.lora.config import LoraConfig
 
 # Where each component lives inside PrefixTunedModel.
-COMPONENT_ROOTS = {"vision": "base.vision_model.", "qformer": "base.qformer.", "language_model": "base.language_model."}
+COMPONENT_ROOTS = {"vision": "base.vision_model.", "qformer": "base.qformer.", "language_model": "base.language_model.",
+                   "text_encoder": "base.text_encoder.", "text_decoder": "base.text_decoder."}  # the last two: BLIP
 
 
 def component_root(model: nn.Module, component: str) -> str:
-    """Where ``component`` lives: BLIP-2's towers, or a standalone language model (the whole base)."""
+    """Where ``component`` lives: BLIP-2's or BLIP's towers, or a standalone language model (the whole base)."""
     base = getattr(model, "base", model)
-    if hasattr(base, "language_model") or hasattr(base, "qformer"):
+    if hasattr(base, "language_model") or hasattr(base, "qformer") or hasattr(base, "text_decoder"):
         return COMPONENT_ROOTS[component]
     if component != "language_model":
         raise ValueError(f"lora.targets.{component}: a {base.config.model_type} language model has no {component}; "
