@@ -90,6 +90,10 @@ def synthetic_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
     if cfg.prompt:
         for r in train + evals:
             r["prompt"] = cfg.prompt.format(r["question"]) if "question" in r else cfg.prompt
+    if not getattr(collator, "per_record_prompt", True):  # BLIP captioning: one prompt per batch (data.prompt)
+        for r in train + evals:
+            if "captions" in r:
+                del r["prompt"]
     train, evals = collator.preprocess(train), collator.preprocess(evals)
     if KIND[cfg.task] == "caption":
         return Splits("caption", train, evals, references={r["image_id"]: r["captions"] for r in evals})

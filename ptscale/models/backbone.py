@@ -70,9 +70,9 @@ def default_backbone_dir(cfg: ModelConfig) -> Path:
     from ptscale.models.presets import preset_family, preset_spec
 
     # Everything the cached weights depend on: the geometry, the steps, the pre-training recipe and, for the
-    # BLIP-2 default, the synthetic world it is pre-trained on
+    # BLIP-2 and BLIP defaults, the synthetic world they are pre-trained on
     spec = {"preset": preset_spec(cfg.preset), "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION}
-    if preset_family(cfg.preset) == "blip2":
+    if preset_family(cfg.preset) in ("blip2", "blip"):
         spec["data"] = DATA_VERSION
     key = json.dumps(spec, sort_keys=True)
     return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
