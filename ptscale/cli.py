@@ -1,6 +1,6 @@
 """``ptscale``: train (the same entry as launchers/train.py), print a resolved recipe (``config``), score saved
 predictions, evaluate a saved run (``eval``), analyse its representation spectra (``analyze``), tabulate runs
-(``report``) and export weights (``export``).
+(``report``), export weights (``export``) and run the paper's grid of methods x seeds (``grid``).
 
 A user's mistake is one line and an exit code, never a traceback (``--debug`` shows it): 2 for a recipe, an
 option or a directory, 3 for unreadable data or files, 1 when training stopped itself (non-finite values),
@@ -183,6 +183,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("table of runs (paper table 2)", "ptscale.report:add_report_args", "ptscale.report:run_report_command"),
     "export": ("trained weights, PEFT-format LoRA, merged model", "ptscale.export_cli:add_export_args",
                "ptscale.export_cli:run_export_command"),
+    "grid": ("arms x seeds x tasks at equal budgets: the paper's tables 1, 2 and figure 4 (README 'Reproducing "
+             "the paper's tables')", "ptscale.grid:add_grid_args", "ptscale.grid:run_grid_command"),
 }
 
 

@@ -45,7 +45,7 @@ class ModelConfig:
     family: str | None = _doc(None, (
         "blip2, blip, opt, llama, qwen2 or t5 (ptscale.models.families); null: detected from model.path's config.json "
         "model_type, else the preset's. A language-model family trains on text data (data.name: text)"))
-    pretrain_steps: int = _doc(1500, "pre-training steps of the embedded default backbone (once, cached); "
+    pretrain_steps: int = _doc(2400, "pre-training steps of the embedded default backbone (once, cached); "
                                "0: random weights")
     dtype: Literal["fp32", "bf16", "fp16"] = _doc("fp32", "parameter and compute dtype")
     gradient_checkpointing: bool = _doc(False, "recompute activations in the backward pass (less memory)")
@@ -60,15 +60,19 @@ class DataConfig:
     name: Literal["synthetic", "coco", "flickr30k", "vqav2", "text", "synthetic-text"] = _doc("synthetic", (
         "the dataset (README 'Data'); text: local text files (data.train_file / data.eval_file) for a language "
         "model; synthetic-text: the text default's built-in tasks (README 'The text default')"))
-    task: str = _doc("downstream", "synthetic / synthetic-text only: pretrain (the broad distribution) or "
-                     "downstream (the adaptation task)")
-    train_size: int = _doc(1024, "synthetic: the training split's size; real datasets: a cap on the examples "
+    task: str = _doc("downstream", (
+        "synthetic: downstream (narrow captioning in a new style), vqa (narrow question answering) or pretrain "
+        "(the broad captions); downstream and vqa are evaluated on a test, a generalisation (gen/) and a retention "
+        "(ret/) group, data.eval_size each (README 'The embedded default'). synthetic-text: pretrain (the broad "
+        "distribution) or downstream (the adaptation task)"))
+    train_size: int = _doc(512, "synthetic: the training split's size; real datasets: a cap on the examples "
                            "used (the first N; 0 = all)")
-    eval_size: int = _doc(64, "synthetic: the evaluation split's size; real datasets: a cap (the first N; 0 = all)")
+    eval_size: int = _doc(32, "synthetic: the size of each evaluation group (test, gen, ret); real datasets: a cap "
+                          "(the first N; 0 = all)")
     seed: int = _doc(1234, "seed of the synthetic data")
     prompt: str = _doc("", "text before the caption (BLIP-2 uses 'a photo of'); VQA: a template with {} for the "
-                       "question")
-    max_text_len: int = _doc(24, "caption tokens kept per example (a longer caption is cut before its EOS); text: the "
+                       "question. Synthetic: empty keeps each record's own task prompt")
+    max_text_len: int = _doc(32, "caption tokens kept per example (a longer caption is cut before its EOS); text: the "
                              "longest record in tokens (prompt + completion), a longer one is bad data")
     on_bad_data: Literal["error", "skip"] = _doc("error", (
         "a missing/corrupt image, an empty caption, ...: error stops the run naming the record (exit 3); skip "
@@ -102,7 +106,7 @@ class DataConfig:
 class EvalConfig:
     before_training: bool = _doc(True, "evaluate the model before the first stage")
     num_beams: int = _doc(5, "beam search width of generation (1: greedy)")
-    max_new_tokens: int = _doc(16, "longest generated caption / answer, in tokens")
+    max_new_tokens: int = _doc(32, "longest generated caption / answer, in tokens")
     min_new_tokens: int = _doc(1, "shortest generated caption / answer, in tokens")
     batch_size: int = _doc(32, "images per generate call, per rank")
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ptscale.config import RecipeError, RunConfig, StageConfig, load_recipe
+from ptscale.labels import placement, run_label
 
 VQA_METRIC = "VQA_accuracy"  # the key a VQA evaluation records in results.json (percent)
 PATH_LETTERS = {"vision": "v", "qformer": "q", "text": "t"}
@@ -44,8 +45,8 @@ METRIC_COLUMNS = {"Bleu_1": "B1", "Bleu_2": "B2", "Bleu_3": "B3", "Bleu_4": "B4"
 ALWAYS = ("Bleu_4", "CIDEr", "SPICE", VQA_METRIC)
 TEXT_METRIC = "perplexity"  # recorded by every text evaluation (ptscale.eval.text): the mark of a text run
 UNSCALED = (VQA_METRIC, "loss", "perplexity")  # printed as recorded (VQA in percent; loss in nats)
-RUN_COLUMNS = ("Run", "Plan", "Seed", "Method", "Length", "Point", "Step", "Trainable", "Eval data", "Split",
-               "N", "Beams", "Differs")
+RUN_COLUMNS = ("Run", "Plan", "Placement", "Seed", "Method", "Length", "Point", "Step", "Trainable", "Eval data",
+               "Split", "N", "Beams", "Differs")
 COLUMNS = RUN_COLUMNS + tuple(METRIC_COLUMNS[m] for m in ALWAYS) + (RANK_COLUMN,)  # the narrowest table
 # The evaluation settings two rows must share to be compared, and how the table names them.
 COMPARED = {"data": "data", "task": "synthetic task", "split": "split", "size": "size", "num_beams": "beams",
@@ -303,7 +304,8 @@ def _settings_cell(row: Row, value: str) -> str:
 
 def cells(row: Row, metrics: list[str], notes: dict[tuple[str, str], list[str]]) -> dict[str, str]:
     run, s, e = row.run, row.settings, row.evaluation
-    out = {"Run": run.name, "Plan": run.plan or "-", "Seed": str(run.seed), "Method": method_name(run.cfg),
+    out = {"Run": run.name, "Plan": run.plan or "-", "Placement": placement(run.cfg) or "-", "Seed": str(run.seed),
+           "Method": method_name(run.cfg),
            "Length": " -> ".join(stage_length(st) for st in run.cfg.stages), "Point": row.point,
            "Step": _text(e.get("global_step")) if e else "-",
            "Trainable": f"{100 * row.share:.2f} %" if row.share is not None else "n/a",
@@ -454,10 +456,57 @@ def latex(table: Table) -> str:
 
 
 RENDERERS = {"md": markdown, "csv": csv_text, "latex": latex}
+PRETRAINED_ROW = "pre-trained"
 
 
-def render_report(run_dirs: list[str | Path], fmt: str = "md") -> str:
-    return RENDERERS[fmt](build_table(run_dirs))
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5  # sample std (n - 1)
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def aggregate(table: Table) -> str:
+    """Markdown: one row per method (plan and placement) and evaluation point, every metric as mean ± std over
+    the runs (seeds) in it; every run's "before training" evaluation (the pre-trained model) in one first row.
+    Rows of runs evaluated differently stay apart (their settings are part of the key)."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in table.rows:
+        if r.evaluation is None:
+            continue
+        pre = r.point == "before training"
+        key = ((PRETRAINED_ROW, "") if pre else (run_label(r.run.cfg), r.point)) + r.settings.key()
+        groups.setdefault(key, []).append(r)
+    ordered = sorted(groups.items(), key=lambda kv: kv[0][0] != PRETRAINED_ROW)  # stable: run order otherwise
+    header = ["Method (plan and placement)", "Point", "Seeds", "Eval data", "N",
+              *(METRIC_COLUMNS.get(m, m) for m in table.metrics)]
+    body = []
+    for (label, point, *_), rows in ordered:
+        s = rows[0].settings
+        cells = []
+        for m in table.metrics:
+            values = [_metric_value(m, r.evaluation["metrics"][m]) for r in rows
+                      if m in r.evaluation.get("metrics", {})]
+            cells.append(_mean_std(values) if values else "n/a")
+        seeds = sorted({r.run.seed for r in rows})
+        body.append([label, point or "-", ",".join(map(str, seeds)), s.data + (f":{s.task}" if s.task else ""),
+                     str(s.size), *cells])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+             *("| " + " | ".join(b) + " |" for b in body)]
+    note = ("Mean ± sample std over the runs in each row (x100 as in the paper; VQA accuracy in %). The "
+            f"{PRETRAINED_ROW} row gathers every run's evaluation before training (the backbone itself).")
+    return "\n".join([*lines, "", note]) + "\n"
+
+
+def render_report(run_dirs: list[str | Path], fmt: str = "md", aggregated: bool = False) -> str:
+    table = build_table(run_dirs)
+    if aggregated:
+        if fmt != "md":
+            raise ReportError("--aggregate writes Markdown; drop --format/--out's .csv/.tex (ptscale grid writes "
+                              "aggregated CSV)")
+        return aggregate(table)
+    return RENDERERS[fmt](table)
 
 
 # --- CLI -------------------------------------------------------------------------------------------------
@@ -469,6 +518,9 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
                    help="also write the report here; .md, .csv or .tex sets the format unless --format does")
     p.add_argument("--format", choices=sorted(RENDERERS), default=None,
                    help="md (default), csv (one line per run x evaluation point x metric) or latex (a tabular)")
+    p.add_argument("--aggregate", action="store_true",
+                   help="one row per method (plan and placement) and evaluation point: mean ± std over seeds, "
+                        "with one pre-trained row (Markdown)")
 
 
 def report_format(fmt: str | None, out: Path | None) -> str:
@@ -487,7 +539,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     """Prints the report (and writes --out); a run directory or option it cannot use is one line on stderr
     and exit 2, before anything is written."""
     try:
-        text = render_report(args.run_dirs, report_format(args.format, args.out))
+        text = render_report(args.run_dirs, report_format(args.format, args.out), args.aggregate)
     except ReportError as e:
         print(f"ptscale report: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.recipes", 0), ("ptscale.console", 0), ("ptscale.models.memory", 0),
     # 1: the recipe and its per-component sections (torch-free)
     ("ptscale.config", 1), ("ptscale.prefix.config", 1), ("ptscale.tuners.lora.config", 1),
-    ("ptscale.tuners.adapter.config", 1),
+    ("ptscale.tuners.adapter.config", 1), ("ptscale.labels", 1),
     # 2: components a recipe configures: data, prefixes, tuners, generation
     ("ptscale.data", 2), ("ptscale.prefix", 2), ("ptscale.tuners.lora", 2), ("ptscale.tuners.adapter", 2),
     ("ptscale.models.feature_cache", 2), ("ptscale.models.pretrain", 2), ("ptscale.eval.generate", 2),
@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.rundir", 4), ("ptscale.runs", 4),
     # 5: workflows: training, evaluation, analysis, reports, loading exports
     ("ptscale.training", 5), ("ptscale.eval", 5), ("ptscale.analysis", 5), ("ptscale.report", 5),
-    ("ptscale.hub", 5), ("ptscale.tools", 5),
+    ("ptscale.hub", 5), ("ptscale.tools", 5), ("ptscale.grid", 5),
     # 6: entry points and the package's public API
     ("ptscale.cli", 6), ("ptscale.export_cli", 6), ("ptscale.listing", 6), ("ptscale.docs", 6), ("ptscale", 6),
 )

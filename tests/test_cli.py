@@ -118,7 +118,7 @@ def test_print_config_is_the_resolved_recipe_and_reloads_to_it(tmp_path):
     saved = _write(tmp_path / "resolved.yaml", proc.stdout)
     cfg = load_recipe(saved)
     assert cfg == load_recipe(overrides=["plan=prefix->full", "methods.full.lr=2e-5"])
-    assert cfg.stages[1].lr == 2e-5 and cfg.model.pretrain_steps == 1500  # every key is there, at its value
+    assert cfg.stages[1].lr == 2e-5 and cfg.model.pretrain_steps == 2400  # every key is there, at its value
     same = cli("-m", "ptscale.cli", "config", "plan=prefix->full", "methods.full.lr=2e-5")
     assert same.returncode == 0 and same.stdout == proc.stdout
 

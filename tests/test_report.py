@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from ptscale.cli import main
-from ptscale.config import load_recipe, to_dict
+from ptscale.config import EvalConfig, load_recipe, to_dict
 from ptscale.report import COLUMNS, method_name, render_report, short_reason, stage_label
 from tests.runs_fixture import analysed_runs  # noqa: F401
 
@@ -112,7 +112,7 @@ SPICE_MISSING = {"SPICE": "SPICE needs lib/stanford-corenlp-3.6.0.jar in /x; not
 def settings(size: int = 16, beams: int = 1, **kw: Any) -> dict[str, Any]:
     """An evaluation's ``settings`` as training records them in results.json."""
     return {"data": "synthetic", "task": "downstream", "split": "eval", "size": size, "num_beams": beams,
-            "max_new_tokens": 16, "min_new_tokens": 1, **kw}
+            "max_new_tokens": EvalConfig().max_new_tokens, "min_new_tokens": 1, **kw}
 
 
 def evaluation(point: str, stage_index: int, step: int | None, trainable: int, *, scale: float = 1.0,
@@ -193,11 +193,11 @@ def test_differing_beams_and_sizes_are_flagged(tmp_path: Path) -> None:
 def test_other_differing_settings_are_named(tmp_path: Path) -> None:
     a = current_run(tmp_path, "a")
     b = write_run(tmp_path, "b", ["seed=1"], [evaluation("prefix+lora", 1, 10, 150,
-                                                         recorded=settings(max_new_tokens=32, task="pretrain"))],
+                                                         recorded=settings(max_new_tokens=48, task="pretrain"))],
                   {"plan": None, "seed": 1})
     text = render_report([a, b])
     assert {r["Differs"] for r in _table(text) if r["Run"] == "b"} == {"≠ synthetic task, max_new_tokens"}
-    assert "- synthetic task: downstream (a); pretrain (b)" in text and "- max_new_tokens: 16 (a); 32 (b)" in text
+    assert "- synthetic task: downstream (a); pretrain (b)" in text and "- max_new_tokens: 32 (a); 48 (b)" in text
 
 
 def test_same_settings_are_not_flagged(tmp_path: Path) -> None:
@@ -329,3 +329,38 @@ def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path: Path, capsys, 
     assert len(err.strip().splitlines()) == 1 and err.startswith("ptscale report: ")
     assert {"suffix": "--format", "not a run": "no recipe.yaml", "bad results": "results.json"}[problem] in err
     assert not out.exists()
+
+
+# --- Placement labels and aggregation over seeds -------------------------------------------------------------
+
+QFORMER_ONLY = "lora.targets={qformer: [attention.attention.query, attention.attention.key, attention.attention.value]}"
+
+
+def test_two_lora_placements_get_two_labels(tmp_path: Path) -> None:
+    both = current_run(tmp_path, "both", plan="lora")
+    qformer = current_run(tmp_path, "qformer", plan="lora", overrides=(QFORMER_ONLY,))
+    rows = {r["Run"]: r for r in _rows(render_report([both, qformer]))}
+    assert rows["both"]["Plan"] == rows["qformer"]["Plan"] == "lora"
+    assert rows["qformer"]["Placement"] == "LoRA r16 Q-Former query/key/value"
+    assert rows["both"]["Placement"] == "LoRA r16 Q-Former query/key/value; LoRA r16 LM q_proj/k_proj/v_proj"
+
+
+def test_aggregate_gives_mean_and_std_over_seeds_and_one_pretrained_row(tmp_path: Path, capsys) -> None:
+    runs = [current_run(tmp_path, f"s{seed}", seed=seed, plan="lora") for seed in (0, 1, 2)]
+    runs.append(current_run(tmp_path, "q", seed=0, plan="lora", overrides=(QFORMER_ONLY,)))
+    # seed 2 scores CIDEr 1.0 instead of 2.068 at its last point: mean and sample std of 206.8, 206.8, 100
+    final = json.loads((runs[2] / "results.json").read_text())
+    final["evaluations"][-1]["metrics"]["CIDEr"] = 1.0
+    (runs[2] / "results.json").write_text(json.dumps(final))
+    assert main(["report", *map(str, runs), "--aggregate"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
+    assert rows[0]["Method (plan and placement)"] == "pre-trained" and rows[0]["Seeds"] == "0,1,2"
+    assert rows[0]["C"] == "20.7 ± 0.0"  # every run's evaluation before training, one row
+    both = [r for r in rows if r["Point"] == "prefix+lora" and "LM q_proj" in r["Method (plan and placement)"]]
+    assert len(both) == 1 and both[0]["Seeds"] == "0,1,2"
+    assert both[0]["C"] == "171.2 ± 61.7"
+    assert len([r for r in rows if r["Method (plan and placement)"] == "lora (LoRA r16 Q-Former query/key/value)"]) == 2
+    assert "Mean ± sample std" in out

@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -206,3 +207,77 @@ def effective_rank_from_cumulative(y: torch.Tensor, threshold: float = DEFAULT_T
     """Effective-rank fraction read off a cumulative curve (used for the plot legend)."""
     spec = torch.diff(y.to(torch.float64), prepend=torch.zeros(1, dtype=torch.float64))
     return effective_rank(spec, threshold).fraction
+
+
+def crossing_point(y: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Where the cumulative curve ``y`` (eq. 5) reaches ``threshold``, as a fraction of the spectrum length,
+    read continuously: linear interpolation between the integer points (0, 0), (1, y_1), ..., (M, y_M).
+
+    The effective rank (a count) moves in steps of 1/M; this moves with the spectrum itself, so two models
+    whose counts tie can still be told apart (table 1's "continuous crossing point")."""
+    y = y.detach().to("cpu", torch.float64)
+    if y.dim() != 1 or y.numel() == 0:
+        raise ValueError(f"expected a non-empty 1-D cumulative curve, got shape {tuple(y.shape)}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    points = torch.cat([torch.zeros(1, dtype=torch.float64), y])
+    above = (points >= threshold - _CUMSUM_TOLERANCE).nonzero()
+    if above.numel() == 0:
+        raise ValueError(f"the curve never reaches {threshold} (it ends at {float(y[-1])})")
+    i = int(above[0])  # points[i - 1] < threshold <= points[i]
+    lo, hi = float(points[i - 1]), float(points[i])
+    return (i - 1 + (threshold - lo) / (hi - lo)) / y.numel()
+
+
+def plot_spectrum_bands(
+    panels: Mapping[str, Mapping[str, list[torch.Tensor]]],
+    path: str | Path,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    reference: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """Figure 4 over seeds: one panel per feature path, in each the mean cumulative curve per label with a band
+    from the lowest to the highest seed, the ``reference`` label as a wide grey line beneath. ``panels``: panel
+    title -> label -> cumulative curves (one per seed, equal lengths). The legend sits below the panels, outside
+    the axes; PNG at 200 dpi and a vector PDF beside it."""
+    if not panels:
+        raise ValueError("no panels to plot")
+    fig = Figure(figsize=(4.2 * len(panels), 4.6), dpi=200)
+    FigureCanvasAgg(fig)
+    handles: dict[str, Any] = {}
+    for p, (panel, curves) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        others = 0
+        for label, ys in curves.items():
+            stack = torch.stack([y.detach().to("cpu", torch.float64) for y in ys])
+            mean, lo, hi = stack.mean(0), stack.min(0).values, stack.max(0).values
+            x = (torch.arange(1, mean.numel() + 1, dtype=torch.float64) / mean.numel()).numpy()
+            if label == reference:
+                style = {"color": "0.6", "linewidth": 4.0, "linestyle": "-", "zorder": 1, "alpha": 0.8}
+            else:
+                style = {"color": f"C{others % 10}", "linewidth": 1.3,
+                         "linestyle": _STYLES[others % len(_STYLES)], "zorder": 2 + others}
+                others += 1
+            line = ax.plot(x, mean.numpy(), **style)[0]
+            if len(ys) > 1:
+                ax.fill_between(x, lo.numpy(), hi.numpy(), color=line.get_color(), alpha=0.15, linewidth=0)
+            handles.setdefault(label, line)
+        ax.axhline(threshold, color="0.3", linestyle="--", linewidth=0.8)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("singular value index / spectrum length", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=7)
+        if p == 0:
+            ax.set_ylabel("accumulated normalised singular values", fontsize=8)
+    labels = [textwrap.fill(label, 60, subsequent_indent="  ") for label in handles]
+    fig.legend(list(handles.values()), labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=2 if len(handles) > 4 else 1, fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), format="pdf", bbox_inches="tight")
+    return path

@@ -29,6 +29,8 @@ class BlipCaptionCollator:
     pad: int
     prompt: str = ""
     max_text_len: int = 32
+    # one prompt per batch (data.prompt): data sources drop records' own task prompts for this collator
+    per_record_prompt = False
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

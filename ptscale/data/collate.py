@@ -19,6 +19,7 @@ class CaptionCollator:
     image_token_id: int
     prompt: str = ""
     max_text_len: int = 32
+    per_record_prompt = True  # a record's own "prompt" (a VQA question, a synthetic task prompt) replaces data.prompt
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 
 from ptscale.config import DataConfig
 from ptscale.data.collate import CaptionCollator
-from ptscale.data.synthetic import make_split
+from ptscale.data.synthetic import KIND, make_eval_suite, make_split
 from ptscale.data.vocabulary import check_vocabulary
 from ptscale.errors import read_json_file
 
@@ -57,9 +57,7 @@ def load_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
 
 def _load(cfg: DataConfig, collator: CaptionCollator) -> Splits:
     if cfg.name == "synthetic":
-        train = collator.preprocess(make_split(cfg.task, cfg.train_size, cfg.seed, "train"))
-        evals = collator.preprocess(make_split(cfg.task, cfg.eval_size, cfg.seed, "eval"))
-        return Splits("caption", train, evals, references={r["image_id"]: r["captions"] for r in evals})
+        return synthetic_splits(cfg, collator)
     if cfg.name in ("coco", "flickr30k"):
         from ptscale.data.captions import load_karpathy
 
@@ -81,3 +79,34 @@ def _load(cfg: DataConfig, collator: CaptionCollator) -> Splits:
     return Splits("vqa", _cap(train, cfg.train_size), _cap(evals, cfg.eval_size),
                   vqa_annotations=read_json_file(cfg.vqa_eval_annotations, "official VQA annotations"),
                   vqa_questions=read_json_file(cfg.vqa_eval_questions, "official VQA questions"))
+
+
+def synthetic_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
+    """The synthetic task's training split and its evaluation suite (test, generalisation and retention
+    groups of ``data.eval_size`` each; ``ptscale.data.synthetic``). A recipe's ``data.prompt`` replaces the
+    records' own task prompts (a VQA prompt keeps its ``{}`` for the question)."""
+    train = make_split(cfg.task, cfg.train_size, cfg.seed, "train")
+    evals = make_eval_suite(cfg.task, cfg.eval_size, cfg.seed)
+    if cfg.prompt:
+        for r in train + evals:
+            r["prompt"] = cfg.prompt.format(r["question"]) if "question" in r else cfg.prompt
+    if not getattr(collator, "per_record_prompt", True):  # BLIP captioning: one prompt per batch (data.prompt)
+        for r in train + evals:
+            if "captions" in r:
+                del r["prompt"]
+    train, evals = collator.preprocess(train), collator.preprocess(evals)
+    if KIND[cfg.task] == "caption":
+        return Splits("caption", train, evals, references={r["image_id"]: r["captions"] for r in evals})
+    return Splits("vqa", train, evals, vqa_annotations=synthetic_vqa_annotations(evals),
+                  vqa_questions={"questions": [{"question_id": r["question_id"], "image_id": i,
+                                                "question": r["question"]} for i, r in enumerate(evals)]})
+
+
+def synthetic_vqa_annotations(records: Sequence[dict]) -> dict[str, Any]:
+    """The official annotations format for synthetic questions: ten identical human answers each (one true
+    answer, as if every annotator agreed), so the official accuracy is 1 for it and 0 otherwise."""
+    return {"annotations": [
+        {"question_id": r["question_id"], "image_id": i, "question_type": r["question_type"],
+         "answer_type": r["answer_type"], "multiple_choice_answer": r["target"],
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(r["answers"])]}
+        for i, r in enumerate(records)]}

@@ -277,14 +277,19 @@ def _validate(predictions: Mapping[str, str], references: Mapping[str, Sequence[
     return ids
 
 
+# The SPICE choices of every command (``ptscale eval --spice``, ``ptscale score caption --spice``) and of
+# ``score_captions(spice=...)``: defined once, so a listed choice is always an accepted one.
+SPICE_CHOICES = ("auto", "require", "off")
+
+
 def _spice_mode(spice: bool | str) -> str:
-    if spice is True or spice == "require":
+    if spice is True:
         return "require"
     if spice is False:
         return "off"
-    if spice == "auto":
-        return "auto"
-    raise ValueError(f"spice must be True, False, 'auto' or 'require', got {spice!r}")
+    if spice in SPICE_CHOICES:
+        return spice
+    raise ValueError(f"spice must be True, False or one of {', '.join(map(repr, SPICE_CHOICES))}, got {spice!r}")
 
 
 def score_captions(
@@ -315,7 +320,7 @@ def score_captions(
     _require_java()  # fail before any work if the tokeniser cannot run
     # Checked up front so that spice=True fails before minutes of scoring, not after.
     if mode == "off":
-        spice_reason: str | None = "disabled by the caller (spice=False)"
+        spice_reason: str | None = "disabled by the caller (spice off)"
     else:
         spice_reason = spice_unavailable_reason(spice_dir)
     if mode == "require" and spice_reason is not None:

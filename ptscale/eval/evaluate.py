@@ -13,7 +13,7 @@ from typing import Any
 from ptscale.config import DataConfig, EvalConfig, RunConfig
 from ptscale.data.sources import Splits, load_splits
 from ptscale.dist import DistInfo, gather_objects
-from ptscale.eval.generate import generate_captions
+from ptscale.eval.generate import generate_captions, record_key
 
 PER_IMAGE_HEADLINE = ("Bleu_4", "CIDEr")
 
@@ -39,6 +39,12 @@ def eval_data(data: DataConfig, splits: Splits, split: str = "eval") -> EvalData
     """The ``split`` of already loaded splits, described (source, split, size, prompt, source keys)."""
     if split == "eval":
         records, references = splits.eval, splits.references
+    elif splits.task == "vqa":  # the synthetic questions: their own answers are the annotations
+        from ptscale.data.sources import synthetic_vqa_annotations
+
+        records, references = splits.train, None
+        splits = dataclasses.replace(splits, eval=splits.train, vqa_questions=None,
+                                     vqa_annotations=synthetic_vqa_annotations(splits.train))
     else:
         records, references = splits.train, {r["image_id"]: r["captions"] for r in splits.train}
     description = {"source": data.name, "split": split, "size": len(records), "prompt": data.prompt,
@@ -90,13 +96,68 @@ class Scored:
     rows: list[dict[str, Any]]
 
 
+ATTRIBUTE_ACCURACY = "AttrAcc"  # share of outputs naming no wrong shape, colour, size or position (synthetic)
+MAIN_GROUP = "test"  # an evaluation suite's group whose metrics keep their plain names
+# Printed beside the headline metrics when an evaluation has them (the synthetic suite's other groups)
+SUITE_HEADLINE = (ATTRIBUTE_ACCURACY, "gen/CIDEr", f"gen/{ATTRIBUTE_ACCURACY}", "gen/VQA_accuracy", "ret/CIDEr",
+                  f"ret/{ATTRIBUTE_ACCURACY}", "ret/VQA_accuracy")
+
+
 def score(preds: dict[str, Any], data: EvalData, spice: str = "auto") -> Scored:
+    """Score the predictions; an evaluation suite (records with a ``group``: the synthetic task's test,
+    generalisation and retention groups) is scored per group, the metrics of group G named ``G/<metric>``
+    (the test group's keep their plain names). Records that carry their ``scene`` also get the attribute
+    accuracy. Text records (a language model's) are scored by ``ptscale.eval.text``."""
     if data.task == "text":
         from ptscale.eval.text import score_text
 
         metrics, rows = score_text(preds, data.records)
         return Scored({"metrics": metrics, "unavailable": {}, "n_records": len(rows)}, rows)
-    return score_vqa(preds, data) if data.task == "vqa" else score_captions_task(preds, data, spice)
+    groups: dict[str, list[dict]] = {}
+    for i in range(len(data.records)):
+        record = data.records[i]
+        if record:
+            groups.setdefault(record.get("group", MAIN_GROUP), []).append(record)
+    if len(groups) <= 1:
+        return _score_group(preds, data, spice)
+    fields: dict[str, Any] = {"metrics": {}, "unavailable": {}, "groups": {}}
+    rows = []
+    for group, records in groups.items():
+        part = _score_group({k: preds[k] for k in map(record_key, records) if k in preds},
+                            _group_data(data, records), spice)
+        name = (lambda m: m) if group == MAIN_GROUP else (lambda m, g=group: f"{g}/{m}")
+        fields["metrics"].update({name(m): v for m, v in part.fields["metrics"].items()})
+        fields["unavailable"].update({name(m): v for m, v in part.fields["unavailable"].items()})
+        fields["groups"][group] = {k: v for k, v in part.fields.items() if k not in ("metrics", "unavailable")}
+        if group == MAIN_GROUP:
+            fields.update({k: v for k, v in part.fields.items() if k not in ("metrics", "unavailable")})
+        rows += [{**row, "group": group} for row in part.rows]
+    return Scored(fields, rows)
+
+
+def _group_data(data: EvalData, records: list[dict]) -> EvalData:
+    """The part of ``data`` one group's records make up (its references or its VQA annotations)."""
+    keys = {record_key(r) for r in records}
+    refs = {k: v for k, v in data.references.items() if k in keys} if data.references is not None else None
+    splits = data.splits
+    if data.task == "vqa":
+        annotations = {"annotations": [a for a in splits.vqa_annotations["annotations"]
+                                       if str(a["question_id"]) in keys]}
+        questions = None if splits.vqa_questions is None else {
+            "questions": [q for q in splits.vqa_questions["questions"] if str(q["question_id"]) in keys]}
+        splits = dataclasses.replace(splits, vqa_annotations=annotations, vqa_questions=questions)
+    return EvalData(data.task, records, refs, splits, data.description)
+
+
+def _score_group(preds: dict[str, str], data: EvalData, spice: str) -> Scored:
+    scored = score_vqa(preds, data) if data.task == "vqa" else score_captions_task(preds, data, spice)
+    scenes = {record_key(r): r["scene"] for r in data.records if r and "scene" in r}
+    if scenes:
+        from ptscale.data.synthetic import attribute_accuracy
+
+        scored.fields["metrics"][ATTRIBUTE_ACCURACY] = attribute_accuracy(
+            {k: v for k, v in preds.items() if k in scenes}, scenes)
+    return scored
 
 
 def score_captions_task(preds: dict[str, str], data: EvalData, spice: str) -> Scored:

@@ -41,6 +41,7 @@ from ptscale.checkpoint import write_text_atomic
 from ptscale.config import DEFAULT_DS, EvalConfig, RunConfig
 from ptscale.dist import ALONE, DistInfo
 from ptscale.errors import RecipeError
+from ptscale.eval.captioning import SPICE_CHOICES
 from ptscale.eval.evaluate import generate_gathered, load_eval_data, score
 
 EVAL_RESULTS = "eval_results.json"
@@ -168,7 +169,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     p.add_argument("--min-new-tokens", type=int, default=None, help="default: the run's eval.min_new_tokens")
     p.add_argument("--batch-size", type=int, default=None, help="images per generate call (default: the run's)")
-    p.add_argument("--spice", choices=("auto", "require", "off"), default="auto",
+    p.add_argument("--spice", choices=SPICE_CHOICES, default="auto",
                    help="auto: SPICE if its jars are present and it runs (default)")
     p.add_argument("--ds", type=Path, default=None, help="ZeRO-3 DeepSpeed JSON for several ranks "
                    "(default: ds_configs/zero3.json)")

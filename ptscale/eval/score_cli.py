@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ptscale.eval.captioning import CaptionScores, score_captions
+from ptscale.eval.captioning import SPICE_CHOICES, CaptionScores, score_captions
 from ptscale.eval.vqa import (
     VQAScores,
     load_ground_truth,
@@ -48,7 +48,7 @@ def add_score_args(score: argparse.ArgumentParser) -> None:
     cap.add_argument("--ref", type=Path, required=True,
                      help="COCO captions annotation JSON, or {image_id: [captions]}")
     cap.add_argument("--out", type=Path, help="write metrics and per-image scores here (JSON)")
-    cap.add_argument("--spice", choices=("auto", "require", "off"), default="auto",
+    cap.add_argument("--spice", choices=SPICE_CHOICES, default="auto",
                      help="auto: SPICE if its jars are present and it runs (default)")
 
     vqa = kinds.add_parser("vqa", help="official VQAv2 accuracy, overall and per answer/question type")
@@ -128,8 +128,7 @@ def caption_references(data: Any) -> dict[str, list[str]]:
 def _run_caption(args: argparse.Namespace) -> int:
     predictions = caption_predictions(_load_json(args.pred))
     references = caption_references(_load_json(args.ref))
-    spice: bool | str = {"auto": "auto", "require": True, "off": False}[args.spice]
-    scores = score_captions(predictions, references, spice=spice)
+    scores = score_captions(predictions, references, spice=args.spice)
     print(format_caption_table(scores))
     if args.out is not None:
         _write_json(args.out, {"task": "caption", "pred": str(args.pred), "ref": str(args.ref),

@@ -24,7 +24,7 @@ from ptscale.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_VERSION = 1  # bump when the pre-training recipe changes: it re-keys the cache
+PRETRAIN_VERSION = 2  # bump when the pre-training recipe changes: it re-keys the cache
 MARKER = "ptscale_backbone.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,10 +66,15 @@ def cache_root() -> Path:
 
 
 def default_backbone_dir(cfg: ModelConfig) -> Path:
-    from ptscale.models.presets import preset_spec
+    from ptscale.data.synthetic import DATA_VERSION
+    from ptscale.models.presets import preset_family, preset_spec
 
-    key = json.dumps({"preset": preset_spec(cfg.preset), "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION},
-                     sort_keys=True)
+    # Everything the cached weights depend on: the geometry, the steps, the pre-training recipe and, for the
+    # BLIP-2 and BLIP defaults, the synthetic world they are pre-trained on
+    spec = {"preset": preset_spec(cfg.preset), "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION}
+    if preset_family(cfg.preset) in ("blip2", "blip"):
+        spec["data"] = DATA_VERSION
+    key = json.dumps(spec, sort_keys=True)
     return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

@@ -84,7 +84,9 @@ def pretrain_tiny_blip(preset: str, steps: int):
     processor = tiny_processor(preset)
     text = model.config.text_config
     collate = BlipCaptionCollator(processor, tokenizer, text.bos_token_id, text.sep_token_id, text.pad_token_id)
-    records = collate.preprocess(make_split("pretrain", 4096, SEED, "pretrain"))
+    # the broad captions without their task prompt: BLIP captioning takes one prompt per batch
+    records = collate.preprocess([{k: v for k, v in r.items() if k != "prompt"}
+                                  for r in make_split("pretrain", 4096, SEED, "pretrain")])
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

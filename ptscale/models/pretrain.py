@@ -16,15 +16,17 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 
 from ptscale.console import progress
 from ptscale.data.collate import CaptionCollator
-from ptscale.data.synthetic import IMAGE_SIZE, make_split, vocabulary
+from ptscale.data.synthetic import IMAGE_SIZE, pretraining_mixture, vocabulary
 from ptscale.models.presets import blip2_config
 from ptscale.models.tokenizer import word_tokenizer
 
 log = logging.getLogger(__name__)
 
 SEED = 20240601
-BATCH = 64
+BATCH = 32
 LR = 2e-3
+SIZE = 8192  # broad captions and questions, half each (ptscale.data.synthetic.pretraining_mixture)
+MAX_TEXT_LEN = 40  # the longest pre-training caption (three objects) is 26 words
 
 
 def tiny_processor() -> BlipImageProcessorPil:
@@ -52,8 +54,9 @@ def pretrain_default(preset: str, steps: int):
         return model, tokenizer, None
     model, tokenizer = new_tiny_model(preset)
     processor = tiny_processor()
-    collate = CaptionCollator(processor, tokenizer, model.config.num_query_tokens, model.config.image_token_id)
-    records = collate.preprocess(make_split("pretrain", 4096, SEED, "pretrain"))
+    collate = CaptionCollator(processor, tokenizer, model.config.num_query_tokens, model.config.image_token_id,
+                              max_text_len=MAX_TEXT_LEN)
+    records = collate.preprocess(pretraining_mixture(SIZE, SEED))
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

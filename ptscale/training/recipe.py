@@ -24,7 +24,7 @@ from ptscale.config import RecipeError, RunConfig, StageConfig
 from ptscale.data.collate import make_collator
 from ptscale.data.sources import load_splits
 from ptscale.errors import RunInterrupted
-from ptscale.eval.evaluate import eval_data, generate_gathered, score
+from ptscale.eval.evaluate import SUITE_HEADLINE, eval_data, generate_gathered, score
 from ptscale.models.backbone import resolve_source
 from ptscale.models.build import build_model, check_buildable
 from ptscale.models.feature_cache import VisionFeatureCache, cache_for_stage
@@ -310,8 +310,8 @@ class PTPEFTRecipe:
             rows_file = "predictions" if self.eval_data.task == "text" else "captions"
             write_text_atomic(self.run_dir / f"{rows_file}-{safe}.json", json.dumps(scored.rows, indent=1))
             self.logger.log(step, {"kind": "eval", "stage": point, **metrics})
-            tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                       if k in METRICS + VQA_METRICS + TEXT_METRICS))
+            shown = METRICS + VQA_METRICS + TEXT_METRICS + SUITE_HEADLINE
+            tqdm.write(f"[eval: {point}] " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in shown))
             self._write_results()
         self.results = ds.broadcast_object(self.results)
         ds.barrier()
@@ -342,6 +342,7 @@ class PTPEFTRecipe:
 
 def results_table(results: list[EvalPoint]) -> str:
     names = VQA_METRICS if any("VQA_accuracy" in r.metrics for r in results) else METRICS
+    names += tuple(m for m in SUITE_HEADLINE if any(m in r.metrics for r in results))
     if any("perplexity" in r.metrics for r in results):
         names = tuple(m for m in TEXT_METRICS if any(m in r.metrics for r in results))
     head = ["evaluated", "trainable", "share %", *names]

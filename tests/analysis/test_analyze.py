@@ -26,7 +26,8 @@ def test_two_runs_against_the_pretrained_backbone(analysed_runs):  # noqa: F811
     models = _models(document)
     assert list(models) == ["pre-trained", "a", "b"]
     assert [m["role"] for m in document["models"]] == ["reference", "run", "run"]
-    assert document["data"]["size"] == 16 and document["threshold"] == 0.9  # run a's eval split
+    # run a's eval split: the suite's test, generalisation and retention groups of data.eval_size=16 each
+    assert document["data"]["size"] == 3 * 16 and document["threshold"] == 0.9
     for name, model in models.items():
         for path in PATHS:
             entry = model["paths"][path]
@@ -39,11 +40,11 @@ def test_two_runs_against_the_pretrained_backbone(analysed_runs):  # noqa: F811
                 assert entry["percent_of_reference"] == 100.0
             assert entry["percent_of_reference"] == pytest.approx(
                 100 * entry["fraction"] / models["pre-trained"]["paths"][path]["fraction"])
-    # Tiny ViT: 16 patches + CLS, hidden 64; Q-Former: 8 queries. The vision encoder is frozen and carries
+    # Tiny ViT: 36 patches + CLS, hidden 64; Q-Former: 32 queries. The vision encoder is frozen and carries
     # no prefix or tuner in either plan, so its spectrum is the pre-trained one; the Q-Former and the
     # language model get prefixes, so their spectra move.
     ref = models["pre-trained"]["paths"]
-    assert ref["vision"]["length"] == 17 and ref["qformer"]["length"] == 8
+    assert ref["vision"]["length"] == 37 and ref["qformer"]["length"] == 32
     for name in ("a", "b"):
         mine = models[name]["paths"]
         assert mine["vision"]["spectrum"] == pytest.approx(ref["vision"]["spectrum"], abs=1e-6)
@@ -71,7 +72,8 @@ def test_spectrum_plots_are_print_sized_pngs_with_pdfs_and_plan_labels(analysed_
     # Legends name the plan and where the trained parameters sit, not the directory
     models = _models(json.loads((out / "analysis.json").read_text()))
     assert models["pre-trained"]["label"] == "pre-trained backbone"
-    assert models[runs.a.name]["label"] == "prefix->lora (prefix Q-Former 8, LM 8; LoRA r16 Q-Former query/key/value)"
+    assert models[runs.a.name]["label"] == ("prefix->lora (prefix Q-Former 8, LM 8; LoRA r16 Q-Former query/key/value; "
+                                            "LoRA r16 LM q_proj/k_proj/v_proj)")
     assert models[runs.b.name]["label"] == "prefix (prefix Q-Former 8, LM 8)"
 
 
@@ -82,7 +84,7 @@ def test_reference_can_be_another_run(analysed_runs, tmp_path):  # noqa: F811
                                            out_dir=tmp_path / "out"))
     models = _models(document)
     assert list(models) == ["reference: b", "a", "b"]
-    assert document["data"]["size"] == 6
+    assert document["data"]["size"] == 3 * 6  # --samples: per group of the suite
     for path in PATHS:
         assert models["b"]["paths"][path]["percent_of_reference"] == 100.0
         assert models["b"]["paths"][path]["spectrum"] == pytest.approx(

@@ -10,10 +10,12 @@ import torch
 from ptscale.analysis.effective_rank import (
     EffectiveRank,
     SpectrumAccumulator,
+    crossing_point,
     cumulative,
     effective_rank,
     normalized_singular_values,
     plot_spectra,
+    plot_spectrum_bands,
     spectrum,
 )
 
@@ -134,3 +136,37 @@ def test_plot_spectra_writes_png(tmp_path: Path) -> None:
     assert width >= 1400 and height >= 700  # 8 x 4 in at 200 dpi (print size), the legend outside the axes
     assert len(data) > 5000  # three curves, axes and a legend, not an empty canvas
     assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_crossing_point_interpolates_between_known_points() -> None:
+    # σ = 4, 3, 2, 1: y = 0.4, 0.7, 0.9, 1.0. 0.9 is reached exactly at index 3 of 4; 0.8 halfway between
+    # index 2 (0.7) and 3 (0.9); 0.2 halfway from the origin (0, 0) to index 1 (0.4).
+    spec = spectrum([torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))])
+    y = cumulative(spec)
+    assert crossing_point(y, 0.9) == pytest.approx(3 / 4, abs=1e-12)
+    assert crossing_point(y, 0.8) == pytest.approx(2.5 / 4, abs=1e-12)
+    assert crossing_point(y, 0.2) == pytest.approx(0.5 / 4, abs=1e-12)
+    # it never exceeds the effective rank's fraction, and agrees with it where the curve hits the threshold
+    for t in (0.3, 0.55, 0.9, 0.99):
+        assert crossing_point(y, t) <= effective_rank(spec, t).fraction + 1e-12
+
+
+@pytest.mark.parametrize("n", [5, 16, 37])
+def test_crossing_point_of_a_uniform_spectrum_is_the_threshold(n: int) -> None:
+    # all singular values equal: y is a straight line from (0, 0) to (1, 1), so it crosses t at x = t
+    spec = spectrum([_with_singular_values([1.0] * n, n, n + 5)])
+    assert crossing_point(cumulative(spec), 0.9) == pytest.approx(0.9, abs=1e-5)  # float32 features: 1e-5
+
+
+def test_crossing_point_separates_spectra_whose_counts_tie() -> None:
+    a = spectrum([_with_singular_values([5.0, 4.0, 1.0], 6, 6)])
+    b = spectrum([_with_singular_values([5.0, 4.0, 2.0], 6, 6)])
+    assert effective_rank(a).count == effective_rank(b).count == 3
+    assert crossing_point(cumulative(a)) < crossing_point(cumulative(b))
+
+
+def test_plot_spectrum_bands_writes_png_and_pdf(tmp_path: Path) -> None:
+    y = [cumulative(spectrum([_with_singular_values([3.0, 2.0, 1.0], 5, 5, seed=s)])) for s in range(3)]
+    out = plot_spectrum_bands({"ViT": {"pre-trained": y[:1], "lora: LoRA r16 LM q/v": y}}, tmp_path / "f.png",
+                              reference="pre-trained")
+    assert out.stat().st_size > 0 and out.with_suffix(".pdf").stat().st_size > 0

@@ -92,7 +92,7 @@ def test_generation_overrides_only_what_is_given():
 
 def test_eval_data_is_the_runs_split():
     """The synthetic eval split as training built it; the size override serves ``analyze --samples``."""
-    from ptscale.data.synthetic import make_split
+    from ptscale.data.synthetic import EVAL_GROUPS, make_eval_suite
 
     class NoPixels:  # load_splits preprocesses synthetic records; pixels are not what is checked here
         tokenizer = None  # nor the vocabulary check (tests/data/test_vocabulary.py): no tokenizer, nothing measured
@@ -102,11 +102,13 @@ def test_eval_data_is_the_runs_split():
 
     cfg = RunConfig()
     data = load_eval_data(cfg, NoPixels())
-    expected = make_split(cfg.data.task, cfg.data.eval_size, cfg.data.seed, "eval")
+    # the suite: test, generalisation and retention groups of data.eval_size each
+    expected = make_eval_suite(cfg.data.task, cfg.data.eval_size, cfg.data.seed)
     assert [r["image_id"] for r in data.records] == [r["image_id"] for r in expected]
     assert data.references == {r["image_id"]: r["captions"] for r in expected}
-    assert data.task == "caption" and data.description["size"] == cfg.data.eval_size
-    assert len(load_eval_data(cfg, NoPixels(), size=5).records) == 5
+    groups = len(EVAL_GROUPS)
+    assert data.task == "caption" and data.description["size"] == groups * cfg.data.eval_size
+    assert len(load_eval_data(cfg, NoPixels(), size=5).records) == groups * 5
     with pytest.raises(ValueError, match="choose eval or train"):
         load_eval_data(cfg, NoPixels(), split="test")
 
@@ -128,3 +130,12 @@ def test_the_run_directory_is_given_once(tmp_path, capsys):
     assert main(["eval"]) == 2
     err = capsys.readouterr().err
     assert "give the run directory once" in err and "name the run directory" in err
+
+
+def test_spice_off_is_a_choice_the_evaluation_accepts(tiny_runs, tmp_path, capsys):  # noqa: F811
+    """Every listed --spice choice reaches the scorer: 'off' used to crash after generation."""
+    assert main(["eval", str(tiny_runs.b), "--spice", "off", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    results, _ = _written(tmp_path)
+    assert "SPICE" not in results["metrics"] and "disabled" in results["unavailable"]["SPICE"]
+    assert "SPICE: n/a" in out and f"eval directory: {tmp_path}" in out

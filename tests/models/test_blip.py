@@ -125,7 +125,9 @@ def test_generation_path_decodes_only_new_tokens(blip_dir):
     source = resolve_source(ModelConfig(path=str(blip_dir)))
     backbone = load_backbone(blip_dir)
     collator = make_collator(source, load_recipe(None, ["data.prompt=a"]).data)
-    records = make_split("downstream", 3, 0, "test")
+    # BLIP captioning takes data.prompt for the whole batch: the records' own task prompts are dropped (as the
+    # data sources do for this collator)
+    records = [{k: v for k, v in r.items() if k != "prompt"} for r in make_split("downstream", 3, 0, "test")]
     batch = collator.generation_batch(records)
     prompt = collator.tokenizer("a", add_special_tokens=False)["input_ids"]
     assert batch["input_ids"].tolist() == [[collator.bos, *prompt, collator.sep]] * 3

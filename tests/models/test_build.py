@@ -23,12 +23,12 @@ PLANS = [  # (plan, extra overrides)
 ]
 
 
-def _batch(tokenizer, processor):
+def _batch(tokenizer, processor, queries: int):
     from ptscale.data.collate import CaptionCollator
     from ptscale.data.synthetic import make_split
 
     records = make_split("downstream", 4, 0, "eval")
-    collator = CaptionCollator(processor, tokenizer, 8, tokenizer.convert_tokens_to_ids("<image>"))
+    collator = CaptionCollator(processor, tokenizer, queries, tokenizer.convert_tokens_to_ids("<image>"))
     return collator.train_batch(collator.preprocess(records))
 
 
@@ -38,7 +38,7 @@ def test_before_the_first_prefix_stage_the_model_is_the_base(tiny_backbone, plan
     base = copy.deepcopy(model)
     cfg = load_recipe(overrides=[f"plan={plan}", *extra])
     wrapped = build_model(cfg, Backbone(model, tokenizer, processor, None), quiet=True).eval()
-    batch = _batch(tokenizer, processor)
+    batch = _batch(tokenizer, processor, model.config.num_query_tokens)
     with torch.no_grad():
         expected = base(**batch).logits
         first_prefix = next((i for i, s in enumerate(cfg.stages) if "prefix" in s.train), len(cfg.stages))

@@ -128,7 +128,7 @@ def test_sharded_build_partitions_every_parameter_with_the_preset_geometry(shard
     assert sharded["gathered_fc1_shape"] == [256, 128]  # OPT ffn_dim x hidden of the tiny preset
     assert sharded["dtypes"] == ["torch.bfloat16"]
     assert sharded["vocab"] == 50272 > sharded["tokenizer"]  # preset vocabulary; the word tokenizer uses a prefix
-    assert sharded["image_size"] == 32
+    assert sharded["image_size"] == 48  # the tiny preset's images (ptscale.data.synthetic.IMAGE_SIZE)
 
 
 def test_sharded_build_initialises_weights_through_the_gathered_path(sharded):

@@ -15,8 +15,11 @@ class LoraConfig:
         "modules per component (vision, qformer, language_model; BLIP: text_encoder, text_decoder) that get LoRA; "
         "names match module-path suffixes "
         "on a dot boundary, so 'query' alone would also take the cross-attention (`ptscale ls targets` lists "
-        "them). Paper: q, k, v of the Q-Former self-attention (table 8)"), factory=lambda: {
-        "qformer": ["attention.attention.query", "attention.attention.key", "attention.attention.value"]})
+        "them). Default: q, k, v of the self-attention of the Q-Former and of the language model (paper B.4: 'all "
+        "query, key, and value projection matrices in the self-attention module'; README 'The embedded default' "
+        "says why not the Q-Former alone)"), factory=lambda: {
+        "qformer": ["attention.attention.query", "attention.attention.key", "attention.attention.value"],
+        "language_model": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]})
     r: int = documented(16, "rank of the LoRA update")
     alpha: int = documented(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
     dropout: float = documented(0.05, "dropout on the LoRA input, training only")
