@@ -172,7 +172,7 @@ def test_the_top_level_help_imports_no_torch():
     code = "import sys; from ptscale.cli import main; main([]); print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False", proc.stdout + proc.stderr
-    for command in ("score", "eval", "analyze", "report", "export"):
+    for command in ("score", "eval", "analyze", "report", "export", "grid"):
         assert f"    {command} " in proc.stdout  # every command is listed
 
 
