@@ -1,7 +1,23 @@
 import os
 
-import pytest
-import torch
+# Triton picks interpreter or compiler when it is first imported (and when a kernel is decorated). The kernel
+# tests run the kernels on CPU through the interpreter, but any test module collected before tests/kernels may
+# import Triton first (transformers -> torch._dynamo -> triton). So Triton and the kernels are imported here,
+# before any test module, under TRITON_INTERPRET=1; the variable is then restored (tests/kernels/conftest.py
+# sets it around its own tests and checks that the interpreter took effect).
+_previous_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+import ptscale_kernels.triton_prefix_attention  # noqa: E402, F401
+import ptscale_kernels.triton_prefix_plus  # noqa: E402, F401
+import triton.language.standard  # noqa: E402, F401
+
+if _previous_interpret is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _previous_interpret
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
