@@ -116,5 +116,6 @@ def test_a_default_run_prints_no_library_warnings(tmp_path):
     assert not library_warnings, out
     assert len(lines) <= 25, "\n".join(lines)  # one screen, progress bars apart
     summary = next(x for x in lines if "plan prefix->lora" in x)
-    assert "tiny-blip2-opt" in summary and "32 train / 8 eval" in summary and str(tmp_path) in summary
+    # data.eval_size is per evaluation group: test, gen/ and ret/ make 24
+    assert "tiny-blip2-opt" in summary and "32 train / 24 eval" in summary and str(tmp_path) in summary
     assert _non_bar_lines(proc.stdout)[-1].startswith("run directory: ")

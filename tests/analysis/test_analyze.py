@@ -114,7 +114,8 @@ def test_grouped_masked_update_equals_per_sample_svds():
 
 
 def test_features_are_the_last_layers(tiny_backbone):
-    """The text features feed the LM head (they are its last hidden state), cover BOS + caption + EOS only,
+    """The text features feed the LM head (they are its last hidden state), cover BOS + the record's task prompt +
+    caption + EOS only (no image or padding positions),
     and the vision / Q-Former features are those modules' outputs."""
     from ptscale.data.collate import CaptionCollator
     from ptscale.data.synthetic import make_split
@@ -132,5 +133,9 @@ def test_features_are_the_last_layers(tiny_backbone):
     assert torch.allclose(model.language_model.lm_head(text), logits, atol=1e-5)
     assert torch.allclose(feats["vision"][0], vision, atol=1e-6) and feats["vision"][1] is None
     assert feats["qformer"][0].shape == (3, model.config.num_query_tokens, model.config.qformer_config.hidden_size)
-    caption_lengths = [len(tokenizer(r["target"], add_special_tokens=False)["input_ids"]) for r in records]
-    assert mask.sum(dim=1).tolist() == [n + 2 for n in caption_lengths]  # + BOS + EOS
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    assert all(r.get("prompt") for r in records)  # the downstream task is asked for by its own prompt
+    expected = [n_tokens(r["prompt"]) + n_tokens(r["target"]) + 2 for r in records]  # + BOS + EOS
+    assert mask.sum(dim=1).tolist() == expected

@@ -13,17 +13,17 @@ def _linear(i: int, o: int) -> int:
 
 
 def _tiny_expected(vocab: int) -> dict[str, int]:
-    """tiny-blip2-opt from presets.py: ViT 64/128/2 layers at 32 px, patch 8; Q-Former 64/128/2 layers,
-    cross-attention every 2nd layer (layer 0), 8 query tokens; OPT 128/256/2 layers, 128 positions."""
+    """tiny-blip2-opt from presets.py: ViT 64/128/2 layers at 48 px, patch 8; Q-Former 64/128/2 layers,
+    cross-attention every 2nd layer (layer 0), 32 query tokens; OPT 128/256/2 layers, 128 positions."""
     vh, vi = 64, 128
-    patches = (32 // 8) ** 2
+    patches = (48 // 8) ** 2
     vision = vh + (patches + 1) * vh + (vh * 3 * 8 * 8 + vh)  # class emb, positions, patch conv
     vision += 2 * (_linear(vh, 3 * vh) + _linear(vh, vh) + 2 * vh + _linear(vh, vi) + _linear(vi, vh) + 2 * vh)
     vision += 2 * vh  # post_layernorm
     qh, qi = 64, 128
     attention = 3 * _linear(qh, qh) + _linear(qh, qh) + 2 * qh  # q, k, v, output dense, LayerNorm
     ffn = _linear(qh, qi) + _linear(qi, qh) + 2 * qh
-    qformer = 8 * qh + 2 * qh + 2 * (attention + ffn) + attention  # query tokens, LayerNorm, layers, 1 cross
+    qformer = 32 * qh + 2 * qh + 2 * (attention + ffn) + attention  # query tokens, LayerNorm, layers, 1 cross
     th, tf = 128, 256
     layer = 4 * _linear(th, th) + 2 * th + _linear(th, tf) + _linear(tf, th) + 2 * th
     language_model = 2 * layer + 2 * th  # + final LayerNorm
@@ -32,10 +32,11 @@ def _tiny_expected(vocab: int) -> dict[str, int]:
     def prefix(width: int, layers: int, length: int = 8, hidden: int = 512) -> int:
         return length * width + width + _linear(width, hidden) + _linear(hidden, layers * 2 * width)
 
-    lora = 16 * (3 * 2 * (qh + qh))  # the Q-Former self-attention q/k/v x 2 layers (the default targets)
+    # the default targets: self-attention q/k/v x 2 layers in the Q-Former and in OPT
+    lora = 16 * (3 * 2 * (qh + qh)) + 16 * (3 * 2 * (th + th))
     return {"prefix": prefix(qh, 2) + prefix(th, 2), "lora": lora, "adapter": 0, "embeddings": embeddings,
             "lm_head": 0, "vision": vision, "qformer": qformer, "projection": _linear(qh, th),
-            "language_model": language_model}
+            "language_model": language_model, "text_encoder": 0, "text_decoder": 0}  # the last two: BLIP's
 
 
 # The hand counts below use a 512-wide prefix MLP (Li & Liang's width; the recipe default is 64 for the tiny model).
