@@ -63,12 +63,13 @@ def test_report_of_two_analysed_runs(analysed_runs, tmp_path, capsys):  # noqa: 
             (("vision", "v"), ("qformer", "q"), ("text", "t")))
     # b trains the prefix only, a adds LoRA: a larger trainable share.
     assert float(rows["a"]["Trainable"].rstrip(" %")) > float(rows["b"]["Trainable"].rstrip(" %"))
-    # Every evaluation point is a row; a's 16 and b's 15 evaluation images are flagged as not comparable.
+    # Every evaluation point is a row; a's 48 and b's 45 evaluation images (3 groups of 16 / 15) are flagged as not
+    # comparable.
     points = [(r["Run"], r["Point"]) for r in _table(text)]
     assert points == [(run.name, e["point"]) for run in runs.all
                       for e in json.loads((run / "results.json").read_text())["evaluations"]]
     assert rows["a"]["Differs"] == "" and rows["b"]["Differs"] == "≠ size"
-    assert "- size: 16 (a); 15 (b)" in text
+    assert "- size: 48 (a); 45 (b)" in text
 
 
 def test_stage_labels_are_the_names_results_are_recorded_under(analysed_runs):  # noqa: F811

@@ -51,20 +51,28 @@ def test_one_process_reproduces_the_runs_final_evaluation(tiny_runs, tmp_path, c
     recipe = load_recipe(run / "recipe.yaml").eval
     assert results["generation"] == {"num_beams": 1, "max_new_tokens": recipe.max_new_tokens,
                                      "min_new_tokens": recipe.min_new_tokens, "batch_size": recipe.batch_size}
-    assert results["data"]["source"] == "synthetic" and results["data"]["size"] == 16
-    assert results["world_size"] == 1 and results["n_images"] == 16
+    # data.eval_size=16 per evaluation group (test, gen/, ret/): 48 images
+    assert results["data"]["source"] == "synthetic" and results["data"]["size"] == 48
+    assert results["world_size"] == 1 and results["n_images"] == 16  # the test group's: the plain metric names
     # Per-image rows in split order, each with its references and headline scores.
-    assert [r["image_id"] for r in rows] == [f"eval-{i}" for i in range(16)]
+    assert [r["image_id"] for r in rows] == _suite_ids(16)
     for r in rows:
         assert r["references"] and set(r) >= {"Bleu_4", "CIDEr", "scores"}
         assert r["CIDEr"] == r["scores"]["CIDEr"] >= 0.0
-    mean_cider = sum(r["CIDEr"] for r in rows) / len(rows)
+    test_group = [r for r in rows if not r["image_id"].startswith(("eval-gen-", "eval-ret-"))]
+    mean_cider = sum(r["CIDEr"] for r in test_group) / len(test_group)
     assert mean_cider == pytest.approx(results["metrics"]["CIDEr"], rel=1e-9)  # corpus CIDEr is the mean
+
+
+def _suite_ids(per_group: int) -> list[str]:
+    """The evaluation suite's images in split order: the test group, then gen/ and ret/."""
+    return [f"eval-{g}{i}" for g in ("", "gen-", "ret-") for i in range(per_group)]
 
 
 @pytest.mark.slow
 def test_two_zero3_ranks_give_the_captions_of_one(tiny_runs, tmp_path):  # noqa: F811
-    """Run b has 15 eval images: 2 ranks pad their shards to 8 + 8, and the duplicate must vanish."""
+    """Run b has 15 eval images per group, 45 in all: 2 ranks pad their shards to 23 + 23, and the duplicate must
+    vanish."""
     run = tiny_runs.b
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [str(BIN / "deepspeed"), "--master_port", free_port(), "--num_gpus", "2", "launchers/eval.py",
@@ -74,7 +82,7 @@ def test_two_zero3_ranks_give_the_captions_of_one(tiny_runs, tmp_path):  # noqa:
     evaluation, run_captions = _final(run)
     results, rows = _written(tmp_path)
     assert results["world_size"] == 2
-    assert [r["image_id"] for r in rows] == [f"eval-{i}" for i in range(15)]  # no duplicate, none missing
+    assert [r["image_id"] for r in rows] == _suite_ids(15)  # no duplicate, none missing
     assert {r["image_id"]: r["caption"] for r in rows} == run_captions
     assert results["metrics"]["CIDEr"] == pytest.approx(evaluation["metrics"]["CIDEr"], abs=1e-12)
 

@@ -55,18 +55,17 @@ def _synthetic_vqa(root, split: str, n: int, seed: int) -> tuple:
     """VQAv2-format questions + annotations over rendered synthetic scenes: "a <shape> that is" (answer: its
     colour) or "there is a <colour>" (answer: its shape), ten identical answers each; images where load_vqav2
     looks."""
-    from ptscale.data.synthetic import COLORS, POSITIONS, SHAPES, SIZES, Scene, render
+    from ptscale.data.synthetic import COLORS, POSITIONS, SHAPES, SIZES, Obj, render
 
     rng = random.Random(f"{seed}-{split}")
     questions, annotations = [], []
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        scene = Scene(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
-                      rng.choice(list(POSITIONS)))
-        render(scene, rng).save(root / "images" / split / f"COCO_{split}_{i:012d}.jpg", quality=95)
+        obj = Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
+        render((obj,), rng).save(root / "images" / split / f"COCO_{split}_{i:012d}.jpg", quality=95)
         # Questions in the synthetic vocabulary (the tiny tokenizer's words): ask for the colour or for the shape.
-        question, answer = ((f"a {scene.shape} that is", scene.color) if i % 2 else
-                            (f"there is a {scene.color}", scene.shape))
+        question, answer = ((f"a {obj.shape} that is", obj.color) if i % 2 else
+                            (f"there is a {obj.color}", obj.shape))
         questions.append({"image_id": i, "question": question, "question_id": i})
         annotations.append({"question_type": "what", "multiple_choice_answer": answer, "image_id": i,
                             "answer_type": "other", "question_id": i,
