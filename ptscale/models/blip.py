@@ -19,8 +19,6 @@ encoder's (``encoder``, VQA only) and the vision tower's (``vision``).
 from __future__ import annotations
 
 import logging
-import math
-import random
 
 import torch
 
@@ -77,8 +75,8 @@ def tiny_processor(preset: str):
 # --- the embedded default: pre-trained once, cached ---------------------------------------------------------
 def pretrain_tiny_blip(preset: str, steps: int):
     """All parameters train on the broad synthetic distribution (plain PyTorch, one process), as for BLIP-2."""
-    from ptscale.console import progress
     from ptscale.data.synthetic import make_split
+    from ptscale.models.pretrain_loop import pretrain_steps
 
     model, tokenizer = new_tiny_blip(preset)
     processor = tiny_processor(preset)
@@ -87,26 +85,13 @@ def pretrain_tiny_blip(preset: str, steps: int):
     # the broad captions without their task prompt: BLIP captioning takes one prompt per batch
     records = collate.preprocess([{k: v for k, v in r.items() if k != "prompt"}
                                   for r in make_split("pretrain", 4096, SEED, "pretrain")])
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    rng = random.Random(SEED)
-    model.train()
-    bar = progress(total=steps, desc="pre-training BLIP backbone")
-    for step in range(steps):
+
+    def next_batch(rng):
         batch = collate.train_batch([records[i] for i in rng.sample(range(len(records)), BATCH)])
         batch.pop("image_keys")
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    bar.close()
+        return batch
+
+    pretrain_steps(model, next_batch, steps, LR, SEED, "pre-training BLIP backbone")
     return model.eval(), tokenizer, processor
 
 

@@ -7,17 +7,15 @@ real BLIP-2 checkpoint comes with, so that PT-PEFT has a pre-trained model to ad
 from __future__ import annotations
 
 import logging
-import math
-import random
 
 import torch
 from transformers import Blip2ForConditionalGeneration
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from ptscale.console import progress
 from ptscale.data.collate import CaptionCollator
 from ptscale.data.synthetic import IMAGE_SIZE, pretraining_mixture, vocabulary
 from ptscale.models.presets import blip2_config
+from ptscale.models.pretrain_loop import pretrain_steps
 from ptscale.models.tokenizer import word_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,27 +55,9 @@ def pretrain_default(preset: str, steps: int):
     collate = CaptionCollator(processor, tokenizer, model.config.num_query_tokens, model.config.image_token_id,
                               max_text_len=MAX_TEXT_LEN)
     records = collate.preprocess(pretraining_mixture(SIZE, SEED))
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    rng = random.Random(SEED)
-    model.train()
-    bar = progress(total=steps, desc="pre-training backbone")
-    for step in range(steps):
-        idx = rng.sample(range(len(records)), BATCH)
-        batch = collate.train_batch([records[i] for i in idx])
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if step % 500 == 0 or step == steps - 1:  # for logs without a terminal (the bar is not in them)
-            log.debug("pre-training step %d/%d loss %.4f", step + 1, steps, loss.item())
-    bar.close()
-    model.eval()
+
+    def next_batch(rng):
+        return collate.train_batch([records[i] for i in rng.sample(range(len(records)), BATCH)])
+
+    pretrain_steps(model, next_batch, steps, LR, SEED, "pre-training backbone")
     return model, tokenizer, processor

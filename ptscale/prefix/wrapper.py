@@ -121,7 +121,9 @@ class PrefixAttentionWrapper(nn.Module):
         return self.prefixed_forward(prefix, *args, **kwargs)
 
     def prefixed_forward(self, prefix, *args, **kwargs):
-        raise NotImplementedError
+        """The module's attention with ``prefix``'s keys/values: each wrapper class (one per wrapped module type)
+        defines it; the base class has no attention of its own to compute."""
+        raise NotImplementedError(f"{type(self).__name__} does not define prefixed_forward")
 
     def _dropout(self) -> float:
         return self.dropout.p if self.training else 0.0
