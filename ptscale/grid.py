@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ class GridSpec:
     common: list[str] = field(default_factory=list)  # --set: for every run
     ceiling: bool = True
     analysis_samples: int | None = None
+    parallel: int = 1  # --jobs: runs trained at once
 
     def run_dir(self, task: str, arm: Arm, seed: int) -> Path:
         return self.out / "runs" / task / arm.slug / f"seed{seed}"
@@ -163,6 +165,21 @@ def train_command(overrides: list[str]) -> list[str]:
     launcher = Path(__file__).resolve().parents[1] / "launchers" / "train.py"
     script = [str(launcher)] if launcher.is_file() else ["-m", "ptscale.cli", "train"]
     return [sys.executable, *script, "--quiet", *overrides]
+
+
+def shown_command(command: list[str]) -> list[str]:
+    """A run's command as a reader repeats it: ``python``, and paths under the working directory relative to it
+    (the tables are committed; this machine's absolute paths mean nothing elsewhere)."""
+    cwd = Path.cwd()
+
+    def rel(item: str) -> str:
+        key, eq, value = item.rpartition("=") if item.startswith("output_dir=") else ("", "", item)
+        path = Path(value)
+        if path.is_absolute() and path.is_relative_to(cwd):
+            value = path.relative_to(cwd).as_posix()
+        return f"{key}{eq}{value}"
+
+    return ["python", *(rel(c) for c in command[1:])]
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -207,28 +224,71 @@ def jobs(spec: GridSpec) -> list[Job]:
     return out
 
 
-def run_jobs(todo: list[Job], log_dir: Path) -> dict[str, Any]:
-    """Run each unfinished job; returns {"ran", "skipped", "seconds"}."""
-    ran, skipped, t0 = [], [], time.time()
-    for i, job in enumerate(todo):
-        if is_finished(job.run_dir):
-            skipped.append(str(job.run_dir))
-            continue
-        if job.run_dir.exists():  # killed mid-way: this grid owns the directory, start it again
-            log.warning("grid: %s is unfinished (no final evaluation); starting it again", job.run_dir)
-            shutil.rmtree(job.run_dir)
-        log_path = log_dir / f"{job.run_dir.relative_to(log_dir.parent / 'runs').as_posix().replace('/', '__')}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        started = time.time()
-        log.info("grid [%d/%d]: %s, %s, seed %d", i + 1, len(todo), job.task, job.arm.name, job.seed)
-        with log_path.open("w") as out:
-            code = subprocess.call(job.command, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if code != 0:
-            tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
-            raise TrainingStopped(f"grid: run {job.run_dir} failed (exit {code}): {tail[0]}; full log: {log_path}")
-        ran.append({"run_dir": str(job.run_dir), "seconds": round(time.time() - started, 1)})
+def _log_path(job: Job, log_dir: Path) -> Path:
+    return log_dir / f"{job.run_dir.relative_to(log_dir.parent / 'runs').as_posix().replace('/', '__')}.log"
+
+
+def _run_one(job: Job, log_dir: Path, threads: int | None) -> dict[str, Any]:
+    """Train one job in its subprocess; TrainingStopped naming its log when it fails."""
+    if job.run_dir.exists():  # killed mid-way: this grid owns the directory, start it again
+        log.warning("grid: %s is unfinished (no final evaluation); starting it again", job.run_dir)
+        shutil.rmtree(job.run_dir)
+    log_path = _log_path(job, log_dir)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:  # concurrent runs share the cores instead of each taking them all
+        env["OMP_NUM_THREADS"] = str(threads)
+    started = time.time()
+    with log_path.open("w") as out:
+        code = subprocess.call(job.command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise TrainingStopped(f"grid: run {job.run_dir} failed (exit {code}): {tail[0]}; full log: {log_path}")
+    return {"run_dir": str(job.run_dir), "seconds": round(time.time() - started, 1)}
+
+
+def run_jobs(todo: list[Job], log_dir: Path, parallel: int = 1) -> dict[str, Any]:
+    """Run each unfinished job, ``parallel`` at a time; returns {"ran", "skipped", "seconds"}.
+
+    With ``parallel`` > 1 the first unfinished job runs alone (it may build the cached backbone every other run
+    then reads), the rest ``parallel`` at a time, each with ``cores // parallel`` threads. A failure stops the
+    grid once the runs in flight are done: no new run starts after it."""
+    t0 = time.time()
+    skipped = [str(j.run_dir) for j in todo if is_finished(j.run_dir)]
+    pending = [j for j in todo if str(j.run_dir) not in skipped]
+    threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
+    ran: list[dict[str, Any]] = []
+    for i, job in enumerate(pending[:1]):
+        log.info("grid [%d/%d]: %s, %s, seed %d", i + 1, len(pending), job.task, job.arm.name, job.seed)
+        ran.append(_run_one(job, log_dir, threads))
+    failure: TrainingStopped | None = None
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {}
+        for i, job in enumerate(pending[1:], start=2):
+            log.info("grid [%d/%d]: %s, %s, seed %d", i, len(pending), job.task, job.arm.name, job.seed)
+            futures[pool.submit(_run_one, job, log_dir, threads)] = job
+            if len(futures) >= parallel:  # wait for a free slot, stopping at the first failure
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                failure = failure or _collect(done, futures, ran)
+                if failure is not None:
+                    break
+        done, _ = wait(futures)
+        failure = failure or _collect(done, futures, ran)
+    if failure is not None:
+        raise failure
     return {"ran": ran, "skipped": skipped, "seconds": round(time.time() - t0, 1)}
+
+
+def _collect(done, futures: dict, ran: list[dict[str, Any]]) -> TrainingStopped | None:
+    """Move finished futures' results into ``ran``; the first failure among them, if any."""
+    failure = None
+    for future in done:
+        futures.pop(future)
+        try:
+            ran.append(future.result())
+        except TrainingStopped as e:
+            failure = failure or e
+    return failure
 
 
 def analyse(spec: GridSpec, task: str, run_dirs: list[Path]) -> Path:
@@ -504,7 +564,7 @@ def write_tables(spec: GridSpec, all_jobs: list[Job], analyses: dict[str, dict[s
     figures = figure4(results, analyses, spec.out, spec.tasks)
     for name, rows in (("table2", rows2), ("table1", rows1), ("deltas", rowsd)):
         write_text_atomic(spec.out / f"{name}.csv", _csv(rows))
-    commands = "\n".join(shlex.join(j.command) for j in all_jobs)
+    commands = "\n".join(shlex.join(shown_command(j.command)) for j in all_jobs)
     write_text_atomic(spec.out / "commands.txt", "# the grid\n" + shlex.join(argv) + "\n# its runs\n" + commands + "\n")
     figs = "\n".join(f"![figure 4, {p.stem}]({p.name})" for p in figures)
     text = (f"# PT-PEFT findings on the embedded default\n\nProduced by `{shlex.join(argv)}` "
@@ -534,7 +594,7 @@ def run_grid(spec: GridSpec, argv: list[str], tables_only: bool = False) -> Path
         timing = {"ran": [], "skipped": [str(j.run_dir) for j in all_jobs], "seconds": 0.0,
                   "missing": [f"{j.task}/{j.arm.name}/seed{j.seed}" for j in missing]}
     else:
-        timing = run_jobs(all_jobs, spec.out / "logs")
+        timing = run_jobs(all_jobs, spec.out / "logs", spec.parallel)
     analyses = {}
     for task in spec.tasks:
         dirs = [j.run_dir for j in all_jobs if j.task == task and j.role == "arm"]
@@ -566,6 +626,8 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
                    help="train nothing: analyse and tabulate the finished runs only, naming the missing ones")
     p.add_argument("--analysis-samples", type=int, default=None,
                    help="evaluation samples the spectra are computed on (default: all of the suite)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each with cores/jobs threads (default 1); the first runs alone")
 
 
 def grid_spec(args: argparse.Namespace) -> GridSpec:
@@ -581,8 +643,10 @@ def grid_spec(args: argparse.Namespace) -> GridSpec:
         raise RecipeError(f"--first-share: must be in (0, 1), got {args.first_share}")
     if args.epochs <= 0:
         raise RecipeError(f"--epochs: must be > 0, got {args.epochs}")
+    if args.jobs < 1:
+        raise RecipeError(f"--jobs: must be >= 1, got {args.jobs}")
     spec = GridSpec(args.out, arms, list(args.seeds), list(args.tasks), args.epochs, args.first_share,
-                    list(args.common), not args.no_ceiling, args.analysis_samples)
+                    list(args.common), not args.no_ceiling, args.analysis_samples, args.jobs)
     # every run's recipe is checked before the first one trains (a typo fails now, not an hour in); quietly:
     # each run logs its own notes (e.g. "prefix.lengths ignored") when it starts
     level = log.level
@@ -622,4 +686,6 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out.append("--tables-only")
     if args.analysis_samples is not None:
         out += ["--analysis-samples", str(args.analysis_samples)]
+    if args.jobs != 1:
+        out += ["--jobs", str(args.jobs)]
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,53 @@ def test_a_failing_run_stops_the_grid_naming_its_log(tmp_path, monkeypatch) -> N
         run_jobs(jobs(spec), spec.out / "logs")
 
 
+def test_parallel_runs_share_the_cores_after_the_first_runs_alone(tmp_path, monkeypatch) -> None:
+    """--jobs 2: the first run alone (it may build the cached backbone the others read), then two at a time,
+    each told to use half the cores; every job runs once."""
+    import threading
+    import time
+
+    spec = _spec(tmp_path)
+    all_jobs = jobs(spec)
+    lock, running, peaks, threads = threading.Lock(), [0], [], []
+
+    def fake_call(command, env, **kw):
+        with lock:
+            running[0] += 1
+            peaks.append(running[0])
+            threads.append(env.get("OMP_NUM_THREADS"))
+        time.sleep(0.2)  # long enough for a second run to start beside it when allowed
+        _finish(next(j for j in all_jobs if j.command == command))
+        with lock:
+            running[0] -= 1
+        return 0
+
+    monkeypatch.setattr(grid.subprocess, "call", fake_call)
+    monkeypatch.setattr(grid.os, "cpu_count", lambda: 4)
+    timing = run_jobs(all_jobs, spec.out / "logs", parallel=2)
+    assert sorted(r["run_dir"] for r in timing["ran"]) == sorted(str(j.run_dir) for j in all_jobs)
+    assert peaks[0] == 1 and max(peaks) == 2 and set(threads) == {"2"}
+
+
+def test_a_failure_among_parallel_runs_starts_no_new_run(tmp_path, monkeypatch) -> None:
+    spec = _spec(tmp_path)
+    all_jobs = jobs(spec)
+    started = []
+
+    def fake_call(command, stdout, **kw):
+        started.append(command)
+        if len(started) == 2:
+            stdout.write("boom\n")
+            return 3
+        _finish(next(j for j in all_jobs if j.command == command))
+        return 0
+
+    monkeypatch.setattr(grid.subprocess, "call", fake_call)
+    with pytest.raises(RuntimeError, match=r"failed \(exit 3\): boom"):
+        run_jobs(all_jobs, spec.out / "logs", parallel=2)
+    assert len(started) <= 3 < len(all_jobs)  # the run beside the failing one may finish; none starts after
+
+
 def test_tables_csv_and_figure(tmp_path) -> None:
     spec = _spec(tmp_path)
     all_jobs = jobs(spec)
@@ -147,7 +195,10 @@ def test_tables_csv_and_figure(tmp_path) -> None:
     lora = [r for r in ranks if r["arm"] == "lora"]
     assert len(lora) == 9 and all(float(r["crossing_percent_of_pretrained"]) < 100 for r in lora)
     assert (spec.out / "figure4_downstream.png").stat().st_size > 0
-    assert "launchers/train.py" in (spec.out / "commands.txt").read_text()
+    commands = (spec.out / "commands.txt").read_text()
+    assert "launchers/train.py" in commands
+    # the runs' commands as a reader repeats them: no interpreter path of this machine
+    assert sys.executable not in commands and "\npython " in commands
 
 
 def test_tables_only_tabulates_the_finished_runs_and_names_the_missing(tmp_path, monkeypatch) -> None:
