@@ -547,29 +547,31 @@ _DATA_FILES = {
 }
 
 
-def _validate_data(d: DataConfig) -> None:
-    if d.name == "synthetic":
+def _synthetic_tasks(name: str) -> tuple[str, ...] | None:
+    """The tasks of a generated data set (None for data read from files)."""
+    if name == "synthetic":
         from ptscale.data.synthetic import TASKS
 
-        if d.task not in TASKS:
-            raise RecipeError(f"data.task: unknown synthetic task {d.task!r}; known: {', '.join(TASKS)}")
+        return tuple(TASKS)
+    if name == "synthetic-text":
+        from ptscale.data.synthetic_text import TEXT_TASKS
+
+        return tuple(TEXT_TASKS)
+    return None
+
+
+def _validate_data(d: DataConfig) -> None:
+    if (tasks := _synthetic_tasks(d.name)) is not None:
+        if d.task not in tasks:
+            raise RecipeError(f"data.task: unknown {d.name} task {d.task!r}; known: {', '.join(tasks)}")
         if d.train_size <= 0 or d.eval_size <= 0:
-            raise RecipeError("data.train_size / data.eval_size: must be > 0 (an empty split cannot train or "
-                              "evaluate)")
+            raise RecipeError("data.train_size / data.eval_size: must be > 0 (a generated split is never empty, "
+                              "and an empty split cannot train or evaluate)")
         return
     if d.train_size < 0 or d.eval_size < 0:
         raise RecipeError("data.train_size / data.eval_size: caps must be >= 0 (0 = the whole split)")
     if d.name == "text":
         _validate_text_data(d)
-        return
-    if d.name == "synthetic-text":
-        from ptscale.data.synthetic_text import TEXT_TASKS
-
-        if d.task not in TEXT_TASKS:
-            raise RecipeError(f"data.task: unknown synthetic-text task {d.task!r}; known: {', '.join(TEXT_TASKS)}")
-        if d.train_size <= 0 or d.eval_size <= 0:
-            raise RecipeError("data.train_size / data.eval_size: must be > 0 (an empty split cannot train or "
-                              "evaluate)")
         return
     if d.name in ("coco", "flickr30k"):
         for key in ("train_split", "eval_split"):
