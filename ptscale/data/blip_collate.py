@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from ptscale.data.images import ImageRecords
+from ptscale.data.text_collate import IGNORE, pad_rows
 
 
 @dataclass
-class BlipCaptionCollator:
+class BlipCaptionCollator(ImageRecords):
     image_processor: object
     tokenizer: object
     bos: int
@@ -32,23 +33,11 @@ class BlipCaptionCollator:
     # one prompt per batch (data.prompt): data sources drop records' own task prompts for this collator
     per_record_prompt = False
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
     def _head(self, record: dict) -> list[int]:
         if "prompt" in record:
             raise ValueError("BLIP captioning takes one prompt for the whole batch (data.prompt), not one per "
                              "record; VQA records need a BLIP VQA backbone")
         return [self.bos] + self._ids(self.prompt)
-
-    def pixels(self, records: list[dict]) -> torch.Tensor:
-        if all("pixel_values" in r for r in records):
-            return torch.stack([r["pixel_values"] for r in records])
-        return self.image_processor([r["image"] for r in records], return_tensors="pt")["pixel_values"]
-
-    def preprocess(self, records: list[dict]) -> list[dict]:
-        pixels = self.image_processor([r["image"] for r in records], return_tensors="pt")["pixel_values"]
-        return [{**r, "pixel_values": px} for r, px in zip(records, pixels, strict=True)]
 
     def train_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
         """Right-padded; labels -100 on BOS, the prompt and padding."""
@@ -58,10 +47,8 @@ class BlipCaptionCollator:
             cap = self._ids(r["target"])[: self.max_text_len] + [self.sep]
             rows.append(head + cap)
             labels.append([IGNORE] * len(head) + cap)
-        width = max(map(len, rows))
-        input_ids = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
-        attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        label_t = torch.tensor([x + [IGNORE] * (width - len(x)) for x in labels])
+        input_ids, attention_mask = pad_rows(rows, self.pad)
+        label_t, _ = pad_rows(labels, IGNORE)
         return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask,
                 "labels": label_t, "image_keys": [str(r["image_id"]) for r in records]}
 
@@ -76,13 +63,6 @@ class BlipCaptionCollator:
         return ids[:, batch["input_ids"].shape[1] - 1:]
 
 
-def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and their attention mask."""
-    width = max(map(len, rows))
-    return (torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-            torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]))
-
-
 @dataclass
 class BlipVQACollator(BlipCaptionCollator):
     """VQA batches for ``BlipForQuestionAnswering`` (see the module docstring)."""
@@ -94,9 +74,9 @@ class BlipVQACollator(BlipCaptionCollator):
         return self.tokenizer(record["question"])["input_ids"][: self.max_text_len]
 
     def train_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = _pad([self._question(r) for r in records], self.pad)
+        input_ids, attention_mask = pad_rows([self._question(r) for r in records], self.pad)
         answers = [[self.bos] + self._ids(r["target"])[: self.max_text_len] + [self.sep] for r in records]
-        decoder_ids, decoder_mask = _pad(answers, self.pad)
+        decoder_ids, decoder_mask = pad_rows(answers, self.pad)
         labels = decoder_ids.masked_fill(decoder_mask == 0, IGNORE)
         labels[:, 0] = IGNORE  # BOS is given, never predicted
         return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask,
@@ -104,7 +84,7 @@ class BlipVQACollator(BlipCaptionCollator):
                 "image_keys": [str(r["image_id"]) for r in records]}
 
     def generation_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = _pad([self._question(r) for r in records], self.pad)
+        input_ids, attention_mask = pad_rows([self._question(r) for r in records], self.pad)
         return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask}
 
     def generated(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ptscale.data.text_collate import IGNORE, make_text_collator
+from ptscale.data.images import ImageRecords
+from ptscale.data.text_collate import IGNORE, make_text_collator, pad_rows
 
 __all__ = ["IGNORE", "CaptionCollator", "make_collator"]
 
 
 @dataclass
-class CaptionCollator:
+class CaptionCollator(ImageRecords):
     image_processor: object
     tokenizer: object
     num_query_tokens: int
@@ -21,24 +22,10 @@ class CaptionCollator:
     max_text_len: int = 32
     per_record_prompt = True  # a record's own "prompt" (a VQA question, a synthetic task prompt) replaces data.prompt
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
     def _head(self, record: dict) -> list[int]:
         """Image tokens, BOS, then the record's own prompt (VQA questions) or the collator's."""
         prompt = record.get("prompt", self.prompt)
         return [self.image_token_id] * self.num_query_tokens + [self.tokenizer.bos_token_id] + self._ids(prompt)
-
-    def pixels(self, records: list[dict]) -> torch.Tensor:
-        """Processed images; records may carry ``pixel_values`` already (processed once, reused)."""
-        if all("pixel_values" in r for r in records):
-            return torch.stack([r["pixel_values"] for r in records])
-        return self.image_processor([r["image"] for r in records], return_tensors="pt")["pixel_values"]
-
-    def preprocess(self, records: list[dict]) -> list[dict]:
-        """Attach ``pixel_values`` to every record (for datasets small enough to hold in memory)."""
-        pixels = self.image_processor([r["image"] for r in records], return_tensors="pt")["pixel_values"]
-        return [{**r, "pixel_values": px} for r, px in zip(records, pixels, strict=True)]
 
     def train_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
         """Right-padded teacher-forcing batch; labels are -100 outside the caption."""
@@ -49,22 +36,15 @@ class CaptionCollator:
             cap = self._ids(sep + r["target"])[: self.max_text_len] + [self.tokenizer.eos_token_id]
             rows.append(head + cap)
             labels.append([IGNORE] * len(head) + cap)
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        label_t = torch.tensor([x + [IGNORE] * (width - len(x)) for x in labels])
+        input_ids, attention_mask = pad_rows(rows, self.tokenizer.pad_token_id)
+        label_t, _ = pad_rows(labels, IGNORE)
         return {"pixel_values": self.pixels(records), "input_ids": input_ids,
                 "attention_mask": attention_mask, "labels": label_t,
                 "image_keys": [str(r["image_id"]) for r in records]}  # for the frozen-tower feature cache
 
     def generation_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
         """Left-padded heads (a decoder-only LM continues from the last position of every row)."""
-        heads = [self._head(r) for r in records]
-        width = max(map(len, heads))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads])
-        attention_mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
+        input_ids, attention_mask = pad_rows([self._head(r) for r in records], self.tokenizer.pad_token_id, left=True)
         return {"pixel_values": self.pixels(records), "input_ids": input_ids, "attention_mask": attention_mask}
 
     def generated(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -119,6 +120,28 @@ class LazyImageDataset(Dataset, ABC):
                 raise BadDataError.of(located) from None
             return SkippedRecord.from_error(located)
         return self._item(index, row, image)
+
+
+class ImageRecords:
+    """What every image-text collator does with a batch's records: their text's token ids (no special tokens)
+    and their processed pixels. Needs ``image_processor`` and ``tokenizer`` attributes."""
+
+    image_processor: Any
+    tokenizer: Any
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def pixels(self, records: list[dict]) -> torch.Tensor:
+        """Processed images; records may carry ``pixel_values`` already (processed once, reused)."""
+        if all("pixel_values" in r for r in records):
+            return torch.stack([r["pixel_values"] for r in records])
+        return self.image_processor([r["image"] for r in records], return_tensors="pt")["pixel_values"]
+
+    def preprocess(self, records: list[dict]) -> list[dict]:
+        """Attach ``pixel_values`` to every record (for datasets small enough to hold in memory)."""
+        pixels = self.image_processor([r["image"] for r in records], return_tensors="pt")["pixel_values"]
+        return [{**r, "pixel_values": px} for r, px in zip(records, pixels, strict=True)]
 
 
 def empty_split_detail(selected: int, load_report: BadDataReport, otherwise: str) -> str:

@@ -72,11 +72,16 @@ class TextCollator:
         return {"input_ids": ids, "attention_mask": mask}
 
     def _pad(self, rows: list[list[int]], *, left: bool, value: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        fill = self.pad_token_id if value is None else value
-        width = max(map(len, rows))
-        padded = [[fill] * (width - len(r)) + r if left else r + [fill] * (width - len(r)) for r in rows]
-        mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r)) for r in rows]
-        return torch.tensor(padded), torch.tensor(mask)
+        return pad_rows(rows, self.pad_token_id if value is None else value, left=left)
+
+
+def pad_rows(rows: list[list[int]], value: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows padded with ``value`` to the longest (on the left for a decoder-only model's generation prompts),
+    and their attention mask: every collator pads through here."""
+    width = max(map(len, rows))
+    padded = [[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) if left else [1] * len(r) + [0] * (width - len(r)) for r in rows]
+    return torch.tensor(padded), torch.tensor(mask)
 
 
 def make_text_collator(tokenizer, data_cfg, *, seq2seq: bool) -> TextCollator:
