@@ -106,6 +106,7 @@ def test_backbone_and_model_mistakes_leave_no_run_directory(tmp_path, blip2_dir,
     assert not out.exists()
 
 
+@pytest.mark.slow  # a CLI process that loads torch before it reads the run directory
 def test_eval_of_a_missing_run_is_one_line(tmp_path):
     proc = cli("-m", "ptscale.cli", "eval", str(tmp_path / "nope"))
     assert_one_line(proc, 2, "nope", "no such directory")

@@ -110,6 +110,7 @@ def test_lora_targets_come_from_the_models_linear_modules_and_match_the_default(
     assert "self_attn.q_proj" in found["language_model"] and "crossattention.attention.query" in found["qformer"]
 
 
+@pytest.mark.slow  # a CLI process that loads torch before it reads --model
 def test_ls_of_an_unknown_model_is_one_line():
     proc = run_cli("ls", "groups", "--model", "nope")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
@@ -181,6 +182,7 @@ def test_verbose_and_quiet_exclude_each_other():
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
 
 
+@pytest.mark.slow  # two CLI processes that build the model's skeleton (torch, transformers)
 def test_ls_of_language_models():
     """A language-model checkpoint's groups (full = the language model) and default LoRA targets (q / v)."""
     groups = run_cli("ls", "groups", "--model", "tiny-llama-text")

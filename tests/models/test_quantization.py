@@ -112,6 +112,7 @@ def test_quantised_base_refusals_name_the_fix():
                        "adapter={kind: parallel, components: [qformer], bottleneck: 4}"])
 
 
+@pytest.mark.slow  # launchers/train.py in a subprocess, DeepSpeed loaded
 def test_int8_under_zero3_is_refused_before_training(tmp_path):
     """bitsandbytes keeps every int8 matrix whole beside its ZeRO-3 shard: no memory would be saved."""
     import subprocess
