@@ -173,7 +173,7 @@ def shown_command(command: list[str]) -> list[str]:
     cwd = Path.cwd()
 
     def rel(item: str) -> str:
-        key, eq, value = item.rpartition("=") if item.startswith("output_dir=") else ("", "", item)
+        key, eq, value = item.partition("=") if item.startswith("output_dir=") else ("", "", item)
         path = Path(value)
         if path.is_absolute() and path.is_relative_to(cwd):
             value = path.relative_to(cwd).as_posix()
@@ -258,8 +258,9 @@ def run_jobs(todo: list[Job], log_dir: Path, parallel: int = 1) -> dict[str, Any
     pending = [j for j in todo if str(j.run_dir) not in skipped]
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
     ran: list[dict[str, Any]] = []
-    for i, job in enumerate(pending[:1]):
-        log.info("grid [%d/%d]: %s, %s, seed %d", i + 1, len(pending), job.task, job.arm.name, job.seed)
+    if pending:
+        job = pending[0]
+        log.info("grid [1/%d]: %s, %s, seed %d", len(pending), job.task, job.arm.name, job.seed)
         ran.append(_run_one(job, log_dir, threads))
     failure: TrainingStopped | None = None
     with ThreadPoolExecutor(max_workers=parallel) as pool:
