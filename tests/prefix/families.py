@@ -20,7 +20,9 @@ from transformers import (
 )
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ptscale.config import PrefixConfig
 from ptscale.prefix.attention import SLOT_ATTR
+from ptscale.prefix.model import PrefixTunedModel
 from ptscale.prefix.plus import PlusLayer
 
 VOCAB = 40
@@ -75,6 +77,21 @@ LENGTHS = {
 def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     return BUILDERS[family]().to(dtype).eval()
+
+
+def prefixed(base, lengths: dict, *, kind: str = "classic", dtype: torch.dtype = torch.float64,
+             **cfg) -> PrefixTunedModel:
+    """``base`` with prefixes of ``lengths`` (a small encoder, large init so they matter), every weight trainable:
+    the tests compare gradients of every parameter, the base's included. Prefix-Tuning+'s fresh gate is 0 (no
+    effect), so every head gets a different nonzero gate."""
+    model = PrefixTunedModel(base, PrefixConfig(lengths=lengths, kind=kind, encoder_hidden=8, init_std=0.5, **cfg),
+                             freeze_base=False).to(dtype)
+    if kind == "plus":
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for module in model.prefixes.values():
+                module.gate.uniform_(0.5, 1.5)
+    return model
 
 
 def make_batch(family: str, dtype: torch.dtype = torch.float32, seed: int = 1) -> dict:

@@ -21,21 +21,13 @@ from tests.prefix.families import (
     REFERENCE,
     build,
     make_batch,
+    prefixed,
     real_positions,
 )
 
 
 def _wrap(family, *, kind="classic", dtype=torch.float64, seed=0, **cfg):
-    base = build(family, seed=seed, dtype=dtype)
-    # freeze_base=False: these tests compare gradients of every parameter, the base's included
-    model = PrefixTunedModel(base, PrefixConfig(lengths=LENGTHS[family], kind=kind, encoder_hidden=8,
-                                                init_std=0.5, **cfg), freeze_base=False).to(dtype)
-    if kind == "plus":  # a fresh gate is 0 (no effect); give every head a different nonzero gate
-        torch.manual_seed(5)
-        with torch.no_grad():
-            for module in model.prefixes.values():
-                module.gate.uniform_(0.5, 1.5)
-    return model
+    return prefixed(build(family, seed=seed, dtype=dtype), LENGTHS[family], kind=kind, dtype=dtype, **cfg)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -28,18 +28,11 @@ from tests.prefix.blip_families import (
     build_blip,
     explicit_wrapped_attention,
 )
+from tests.prefix.families import prefixed
 
 
 def _wrap(family, *, kind="classic", lengths=None, **cfg):
-    base = build_blip(family)
-    model = PrefixTunedModel(base, PrefixConfig(lengths=lengths or BLIP_LENGTHS[family], kind=kind, encoder_hidden=8,
-                                                init_std=0.5, **cfg), freeze_base=False).double()
-    if kind == "plus":  # a fresh gate is 0 (no effect); give every head a different nonzero gate
-        torch.manual_seed(5)
-        with torch.no_grad():
-            for module in model.prefixes.values():
-                module.gate.uniform_(0.5, 1.5)
-    return model
+    return prefixed(build_blip(family), lengths or BLIP_LENGTHS[family], kind=kind, **cfg)
 
 
 def _wrapped(model):
