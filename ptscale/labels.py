@@ -9,7 +9,7 @@ from __future__ import annotations
 from ptscale.config import RunConfig
 
 _COMPONENTS = {"vision": "ViT", "qformer": "Q-Former", "language_model": "LM", "encoder": "LM encoder",
-               "decoder": "LM decoder"}
+               "decoder": "LM decoder", "bert": "BERT"}
 _BASE_GROUPS = ("vision", "qformer", "projection", "language_model")  # the "full" alias (models.groups)
 
 
