@@ -197,7 +197,7 @@ class VinVLForCaptioning(BertPreTrainedModel):
                 labels: torch.Tensor | None = None) -> VinVLOutput:
         """``labels`` (B, Lc): the original token at each masked caption position, -100 elsewhere."""
         hidden = self.bert(input_ids, attention_mask, tag_ids, tag_mask, region_features, region_mask)
-        caption = hidden[:, :input_ids.shape[1]]
+        caption = hidden[:, :input_ids.shape[1]].contiguous()
         if labels is None:
             return VinVLOutput(logits=self.cls(caption), hidden_states=hidden)
         picked = labels != IGNORE
