@@ -38,21 +38,24 @@ def _bad(path: Path, problem: str) -> DataError:
                      "and <image_id>.json ({\"tags\": [...]}) per image (README 'Region features')")
 
 
-def read_regions(directory: str | Path, image_id: str, img_feature_dim: int) -> tuple[np.ndarray, list[str]]:
-    """(features float32 (num_regions, img_feature_dim), tags) of one image; DataError naming the file."""
+def read_regions(directory: str | Path, image_id: str, img_feature_dim: int, *,
+                 header_only: bool = False) -> tuple[np.ndarray, list[str]]:
+    """(features float32 (num_regions, img_feature_dim), tags) of one image; DataError naming the file.
+    ``header_only``: check the array's shape and dtype without reading its values (a whole dataset's files are
+    checked this way before training; the values are checked when a batch reads them)."""
     directory = Path(directory)
     npy, tags_file = directory / f"{image_id}.npy", directory / f"{image_id}.json"
     if not npy.is_file():
         raise _bad(npy, f"missing (the region features of image {image_id})")
     try:
-        features = np.load(npy, allow_pickle=False)
+        features = np.load(npy, allow_pickle=False, mmap_mode="r" if header_only else None)
     except (ValueError, OSError, EOFError) as e:
         raise _bad(npy, f"not a readable .npy array ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
     if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] != img_feature_dim:
         raise _bad(npy, f"shape {features.shape}, expected (num_regions >= 1, {img_feature_dim}) for this model "
                         f"({img_feature_dim - BOX_VALUES} feature values + {BOX_VALUES} box values)")
-    if not np.issubdtype(features.dtype, np.floating) or not np.isfinite(features).all():
+    if not np.issubdtype(features.dtype, np.floating) or (not header_only and not np.isfinite(features).all()):
         raise _bad(npy, f"dtype {features.dtype} or non-finite values; expected finite floats")
     if not tags_file.is_file():
         raise _bad(tags_file, f"missing (the object tags of image {image_id})")
@@ -63,7 +66,7 @@ def read_regions(directory: str | Path, image_id: str, img_feature_dim: int) -> 
     tags = raw.get("tags") if isinstance(raw, dict) else None
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise _bad(tags_file, "no \"tags\" list of strings")
-    return features.astype(np.float32), tags
+    return (features if header_only else features.astype(np.float32)), tags
 
 
 def box_values(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> list[float]:

@@ -53,6 +53,13 @@ class VinVLCollator:
                              "the directory of its <image_id>.npy / .json files")
         return synthetic_regions(record["scene"], record["image"], self.config.img_feature_dim - BOX_VALUES)
 
+    def check_regions(self, image_ids: list[str]) -> None:
+        """Every image's files exist and hold the right layout (shapes, tags; values are checked when read):
+        a data set's bad file stops the run before training (DataError, exit 3)."""
+        if self.region_features is not None:
+            for image_id in dict.fromkeys(image_ids):
+                read_regions(self.region_features, image_id, self.config.img_feature_dim, header_only=True)
+
     def preprocess(self, records: list[dict]) -> list[dict]:
         """Attach ``region_features`` and ``tags`` to every record (read or made once; a bad file fails here)."""
         out = []
