@@ -67,7 +67,7 @@ VINVL_PRESETS: dict[str, dict] = {
     "tiny-vinvl": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                    "max_position_embeddings": 128, "type_vocab_size": 2, "hidden_dropout_prob": 0.0,
                    "attention_probs_dropout_prob": 0.0, "img_feature_dim": 70, "max_caption_len": 40,
-                   "mask_prob": 0.4, "max_masked_tokens": 12},
+                   "mask_prob": 0.15, "max_masked_tokens": 3},
 }
 
 
