@@ -289,3 +289,13 @@ def test_collator_masks_caption_tokens_as_oscar_does():
         assert words == [o.shape for o in r["scene"]] + ["[SEP]"]
     gen = collator.generation_batch(records[:2])
     assert gen["input_ids"].tolist() == [[tokenizer.cls_token_id]] * 2
+
+
+def test_analyze_refuses_a_vinvl_run_in_one_line(tmp_path):
+    from ptscale.analysis.analyze import AnalyzeRequest, analyze_runs
+    from ptscale.config import dump_recipe
+
+    (tmp_path / "recipe.yaml").write_text(dump_recipe(load_recipe(None, ["model.preset=tiny-vinvl"])))
+    with pytest.raises(RecipeError, match=r"is a VinVL run; the analysis reads a vision encoder's") as err:
+        analyze_runs(AnalyzeRequest([tmp_path]))
+    assert "\n" not in str(err.value)
