@@ -299,3 +299,23 @@ def test_analyze_refuses_a_vinvl_run_in_one_line(tmp_path):
     with pytest.raises(RecipeError, match=r"is a VinVL run; the analysis reads a vision encoder's") as err:
         analyze_runs(AnalyzeRequest([tmp_path]))
     assert "\n" not in str(err.value)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputation during backward re-reads the stored prefixes through the hook (float64; not bitwise: the
+    checkpointed forward may order reductions differently, ~1e-16 relative)."""
+    model = PrefixTunedModel(build(), PrefixConfig(lengths={"bert": 3}, init_std=0.5), freeze_base=False)
+    model = model.to(torch.float64).train()
+    b = batch()
+    params = [p for p in model.parameters()]
+    calls = []
+    model.base.bert.encoder.layer[0].attention.self.register_forward_hook(lambda *_: calls.append(1))
+    loss = model(**b).loss
+    grads = torch.autograd.grad(loss, params)
+    model.base.activation_checkpointing_enable({"use_reentrant": False})
+    loss_ckpt = model(**b).loss
+    grads_ckpt = torch.autograd.grad(loss_ckpt, params)
+    assert len(calls) == 3  # once, then once more in the checkpointed forward and again during its backward
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-12, atol=0)
+    for a, c in zip(grads, grads_ckpt, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-14)
