@@ -212,8 +212,10 @@ class VinVLForCaptioning(BertPreTrainedModel):
                  num_beams: int = 1, max_new_tokens: int = 20, min_new_tokens: int = 1, do_sample: bool = False,
                  synced_gpus: bool = False, use_cache: bool = True, length_penalty: float = 1.0) -> torch.Tensor:
         """Captions after ``input_ids`` ([CLS] per row: (B, 1)), each (B, max_new_tokens) new tokens ending in [SEP]
-        and padded with [PAD]. ``synced_gpus`` (ZeRO-3: every rank runs the same forwards) decodes all
-        ``max_new_tokens`` steps instead of stopping when every caption has ended (the result is the same)."""
+        and padded with [PAD] ([PAD], [CLS] and [MASK] are never generated). Beam search keeps the ``num_beams``
+        best hypotheses ended by [SEP], scored by log-probability / length ** ``length_penalty``.
+        ``synced_gpus`` (ZeRO-3: every rank runs the same forwards) decodes all ``max_new_tokens``
+        steps instead of stopping when every caption has ended (the result is the same)."""
         if do_sample:
             raise ValueError("VinVL decoding is greedy or beam search (do_sample=False)")
         if input_ids.shape[1] != 1:
@@ -231,10 +233,12 @@ class VinVLForCaptioning(BertPreTrainedModel):
         done = torch.zeros(b * k, dtype=torch.bool, device=input_ids.device)
         finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(b)]
         sep, pad = cfg.sep_token_id, cfg.pad_token_id
+        never = [t for t in (pad, cfg.cls_token_id, cfg.mask_token_id) if t is not None]
         for t in range(limit):
             logp = step(seqs).float().log_softmax(-1)  # (B*k, V)
             if t + 1 < min_new_tokens:
                 logp[:, sep] = float("-inf")
+            logp[:, never] = float("-inf")  # [PAD], [CLS], [MASK] are no caption words
             logp[done] = float("-inf")
             logp[done, pad] = 0.0  # an ended beam only pads, at no cost
             total = (scores.view(-1, 1) + logp).view(b, -1)  # (B, k*V)
@@ -265,7 +269,7 @@ class VinVLForCaptioning(BertPreTrainedModel):
             src_t = torch.tensor(new_src, device=seqs.device)
             tok_t = torch.tensor(new_tok, device=seqs.device)
             step.reorder(src_t)
-            done = done[src_t] | (tok_t == sep) | (tok_t == pad)
+            done = done[src_t] | (tok_t == sep) | (tok_t == pad)  # pad: a dead or ended beam
             if k > 1:
                 done |= torch.tensor(new_scores, device=seqs.device) == float("-inf")
             scores = torch.tensor(new_scores, device=seqs.device).view(b, k)

@@ -176,7 +176,7 @@ def test_greedy_decoding_predicts_the_mask_step_by_step():
         ids = torch.tensor([seq + [MASK]])
         with torch.no_grad():
             logits = model(ids, torch.ones_like(ids), **ctx).logits[0, -1]
-        logits[SEP] = float("-inf")  # min_new_tokens
+        logits[[SEP, PAD, CLS, MASK]] = float("-inf")  # min_new_tokens; never a special token
         seq.append(int(logits.argmax()))
     assert out[0].tolist() == seq[1:]
 
