@@ -319,3 +319,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(loss_ckpt, loss, rtol=1e-12, atol=0)
     for a, c in zip(grads, grads_ckpt, strict=True):
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-14)
+
+
+def test_run_labels_name_vinvl_placements():
+    from ptscale.labels import placement
+
+    assert placement(load_recipe(None, ["model.preset=tiny-vinvl", "plan=prefix->full"])) == "prefix BERT 8; full FT"
+    assert placement(load_recipe(None, ["model.preset=tiny-vinvl", "plan=prefix->lora"])) == \
+        "prefix BERT 8; LoRA r16 BERT query/value"
