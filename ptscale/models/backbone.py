@@ -263,11 +263,11 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
 
 
 def _load_vinvl(path: Path, dtype: str, quantization: str) -> Backbone:
-    from ptscale.models.vinvl import load_vinvl, with_token_ids
+    from ptscale.models.vinvl import load_tokenizer, load_vinvl, with_token_ids
 
     if quantization != "none":
         raise ValueError(f"model.quantization={quantization}: not offered for VinVL")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     model = load_vinvl(path, DTYPES[dtype])
     with_token_ids(model.config, tokenizer)
     return Backbone(model, tokenizer, None, path, "vinvl")
@@ -437,13 +437,13 @@ def _vinvl_source(cfg: ModelConfig, path: Path) -> BackboneSource:
     """A VinVL directory: its config (ours, or a released Oscar/VinVL one) and BERT tokenizer; no image processor
     (VinVL reads region features)."""
     from ptscale.errors import RecipeError
-    from ptscale.models.vinvl import read_config, with_token_ids
+    from ptscale.models.vinvl import load_tokenizer, read_config, with_token_ids
 
     if cfg.quantization != "none":
         raise RecipeError(f"model.quantization={cfg.quantization}: not offered for VinVL (a BERT-base or smaller); "
                           "set model.quantization: none")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise RecipeError(f"model.path {path}: its tokenizer cannot be loaded ({str(e).splitlines()[0]}); save it "
                           "beside the weights (VinVL's vocab.txt)") from None

@@ -86,7 +86,7 @@ def supported() -> str:
 def checkpoint_model_type(path: str | Path) -> str | None:
     """``model_type`` of ``path/config.json``; None when the directory or its config.json is missing (the
     checkpoint check names that problem). A config.json that is not JSON is a data error. A released Oscar/VinVL
-    config (``bert`` with ``img_feature_dim``) is ``vinvl``."""
+    config (``bert`` or no model type, with ``img_feature_dim``) is ``vinvl``."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return None
@@ -96,8 +96,8 @@ def checkpoint_model_type(path: str | Path) -> str | None:
         raise DataError(f"model.path {config}: not valid JSON ({e}); re-save the checkpoint") from None
     if not isinstance(raw, dict):
         return None
-    # a released Oscar / VinVL checkpoint says model_type bert and carries the image feature size
-    if raw.get("model_type") == "bert" and "img_feature_dim" in raw:
+    # a released Oscar / VinVL checkpoint says model_type bert (or, older, none) and carries the image feature size
+    if raw.get("model_type") in ("bert", None) and "img_feature_dim" in raw:
         return "vinvl"
     return raw.get("model_type")
 

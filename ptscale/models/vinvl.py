@@ -336,7 +336,7 @@ class _CachedSteps:
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
 def read_config(path: str | Path) -> VinVLConfig:
-    """``config.json`` of a VinVL directory (a released Oscar/VinVL one says ``model_type: bert``)."""
+    """``config.json`` of a VinVL directory (a released Oscar/VinVL one says ``model_type: bert``, or none)."""
     raw = json.loads((Path(path) / "config.json").read_text())
     raw.pop("model_type", None)
     raw.pop("architectures", None)
@@ -352,10 +352,15 @@ def with_token_ids(config: VinVLConfig, tokenizer) -> VinVLConfig:
     return config
 
 
-def is_vinvl_config(raw: dict) -> bool:
-    """A config.json of VinVL: ours (model_type vinvl), or a released Oscar/VinVL one (a BERT with
-    ``img_feature_dim``)."""
-    return raw.get("model_type") == MODEL_TYPE or (raw.get("model_type") == "bert" and "img_feature_dim" in raw)
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a VinVL directory: what ``save_pretrained`` wrote, or a released checkpoint's bare
+    ``vocab.txt`` (BERT's uncased WordPiece vocabulary, as VinVL uses)."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    path = Path(path)
+    if not (path / "tokenizer_config.json").is_file() and (path / "vocab.txt").is_file():
+        return BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

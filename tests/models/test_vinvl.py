@@ -183,10 +183,8 @@ def test_greedy_decoding_predicts_the_mask_step_by_step():
 
 # --- the released key layout ----------------------------------------------------------------------------------
 def _released_dir(tmp_path, model: VinVLForCaptioning):
-    """A directory as VinVL's released checkpoints are: config.json (model_type bert, img_feature_dim),
+    """A directory as VinVL's released checkpoints are: config.json (no model_type, img_feature_dim),
     pytorch_model.bin with bert.* / cls.* keys (the pooler and the pre-training heads included), vocab.txt."""
-    from transformers import BertTokenizerFast
-
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["bert.pooler.dense.weight"] = torch.randn(16, 16)
     state["bert.pooler.dense.bias"] = torch.zeros(16)
@@ -194,14 +192,13 @@ def _released_dir(tmp_path, model: VinVLForCaptioning):
     torch.save(state, tmp_path / "pytorch_model.bin")
     cfg = model.config
     (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "bert", "architectures": ["BertForImageCaptioning"], "vocab_size": VOCAB, "hidden_size": 16,
+        "finetuning_task": "image_captioning", "vocab_size": VOCAB, "hidden_size": 16,
         "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
         "type_vocab_size": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
         "img_feature_dim": 10, "img_feature_type": "frcnn", "use_img_layernorm": 1,
         "img_layer_norm_eps": cfg.img_layer_norm_eps, "max_caption_len": 12}))
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -212,6 +209,8 @@ def test_the_released_key_layout_loads(tmp_path):
             "bert.encoder.layer.0.attention.self.query.weight"} <= set(model.state_dict())
     path = _released_dir(tmp_path, model)
     assert family_of_checkpoint(path) == "vinvl"
+    cfg = load_recipe(None, [f"model.path={path}", "plan=prefix->lora"])
+    assert cfg.model.family == "vinvl" and cfg.prefix.lengths == {"bert": 8}
     source = resolve_source(ModelConfig(path=str(path)))
     assert source.family == "vinvl" and source.config.img_feature_dim == 10 and source.config.use_img_layernorm
     assert (source.config.cls_token_id, source.config.sep_token_id, source.config.mask_token_id) == (CLS, SEP, MASK)
