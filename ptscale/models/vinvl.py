@@ -53,8 +53,10 @@ IGNORE = -100
 SEED = 20240601
 BATCH = 64
 LR = 2e-3
-# Keys of a released Oscar/VinVL checkpoint that captioning does not use (the pre-training heads, the pooler).
-UNUSED_KEYS = ("bert.pooler.", "cls.seq_relationship.", "seq_relationship.")
+# Keys of a released Oscar/VinVL checkpoint that captioning does not use (the pre-training heads, the pooler), and
+# the position / token-type id buffers some transformers versions saved (ours are not persistent).
+UNUSED_KEYS = ("bert.pooler.", "cls.seq_relationship.", "seq_relationship.", "bert.embeddings.position_ids",
+               "bert.embeddings.token_type_ids")
 
 
 class VinVLConfig(BertConfig):

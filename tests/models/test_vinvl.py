@@ -189,6 +189,7 @@ def _released_dir(tmp_path, model: VinVLForCaptioning):
     state["bert.pooler.dense.weight"] = torch.randn(16, 16)
     state["bert.pooler.dense.bias"] = torch.zeros(16)
     state["cls.seq_relationship.weight"] = torch.randn(2, 16)
+    state["bert.embeddings.position_ids"] = torch.arange(64)[None]
     torch.save(state, tmp_path / "pytorch_model.bin")
     cfg = model.config
     (tmp_path / "config.json").write_text(json.dumps({
