@@ -80,6 +80,10 @@ class DataConfig:
     karpathy_json: str | None = _doc(None, "coco / flickr30k: the Karpathy split file (dataset_coco.json, "
                                      "dataset_flickr30k.json)")
     image_root: str | None = _doc(None, "coco / flickr30k / vqav2: the directory the image paths are relative to")
+    region_features: str | None = _doc(None, (
+        "VinVL: the directory of the images' region features, <image_id>.npy (num_regions x (feature_dim + 6)) and "
+        "<image_id>.json ({\"tags\": [...]}) each (README 'Region features'); the synthetic task makes its own "
+        "without it"))
     train_split: str = _doc("train", "coco / flickr30k: the Karpathy split used for training")
     eval_split: str = _doc("test", "coco / flickr30k: the Karpathy split used for evaluation")
     vqa_train_questions: str | None = _doc(None, "vqav2: the official questions JSON of the training split")
@@ -419,6 +423,12 @@ def _family(cfg: RunConfig, explicit: set[str] | frozenset[str]):
                                              "prefix.lengths", explicit)
         cfg.lora.targets = _family_mapping(cfg.lora.targets, LoraConfig().targets, family.lora_targets,
                                            "lora.targets", explicit)
+    if cfg.data.region_features is not None:
+        if family.name != "vinvl":
+            raise RecipeError(f"data.region_features: region features are VinVL's input, but model.family is "
+                              f"{family.name}; remove data.region_features")
+        if not Path(cfg.data.region_features).is_dir():
+            raise RecipeError(f"data.region_features: {cfg.data.region_features} is not a directory")
     if family.is_language_model:
         if cfg.data.name not in TEXT_DATA:
             raise RecipeError(f"data.name: {cfg.data.name} is image data, but model.family {family.name} is a language "

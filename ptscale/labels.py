@@ -9,8 +9,15 @@ from __future__ import annotations
 from ptscale.config import RunConfig
 
 _COMPONENTS = {"vision": "ViT", "qformer": "Q-Former", "language_model": "LM", "encoder": "LM encoder",
-               "decoder": "LM decoder"}
+               "decoder": "LM decoder", "bert": "BERT"}
 _BASE_GROUPS = ("vision", "qformer", "projection", "language_model")  # the "full" alias (models.groups)
+
+
+def _full_groups(cfg: RunConfig) -> tuple[str, ...]:
+    """What "full" trains: VinVL's BERT and projection (ptscale.models.families), else BLIP-2's towers."""
+    from ptscale.models.families import FAMILIES
+
+    return FAMILIES["vinvl"].full if cfg.model.family == "vinvl" else _BASE_GROUPS
 
 
 def _short_targets(targets: list[str]) -> str:
@@ -32,9 +39,10 @@ def placement(cfg: RunConfig) -> str:
     if "adapter" in trained and cfg.adapter is not None:
         kind = "S-Adapter" if cfg.adapter.kind == "sequential" else "P-Adapter"
         parts.append(f"{kind} {'+'.join(_COMPONENTS[c] for c in cfg.adapter.components)}")
-    tuned = [g for g in _BASE_GROUPS if g in trained]
+    full = _full_groups(cfg)
+    tuned = [g for g in full if g in trained]
     if tuned:
-        parts.append("full FT" if len(tuned) == len(_BASE_GROUPS) else "tuned " + "+".join(
+        parts.append("full FT" if len(tuned) == len(full) else "tuned " + "+".join(
             _COMPONENTS.get(g, g) for g in tuned))
     return "; ".join(parts)
 

@@ -101,7 +101,7 @@ def meta_model(preset: str | None, path: str | None) -> Any:
     if path is not None and not (Path(path) / "config.json").is_file():
         raise RecipeError(f"--path {path}: no config.json (a HF checkpoint directory)")
     family = _family(preset, path)
-    if family.is_language_model or family.name == "blip":
+    if family.is_language_model or family.name in ("blip", "vinvl"):
         with torch.device("meta"):
             return PrefixTunedModel(_meta_family_model(family.name, preset, path),
                                     PrefixConfig(lengths=dict(family.prefix_lengths)))
@@ -115,7 +115,12 @@ def meta_model(preset: str | None, path: str | None) -> Any:
 
 
 def _meta_family_model(family: str, preset: str | None, path: str | None) -> Any:
-    """A language model or BLIP from a checkpoint's config, or its embedded preset's geometry (word vocabulary)."""
+    """A language model, BLIP or VinVL from a checkpoint's config, or its embedded preset's geometry (word
+    vocabulary)."""
+    if family == "vinvl":
+        from ptscale.models.vinvl import VinVLForCaptioning, new_tiny_vinvl, read_config
+
+        return VinVLForCaptioning(read_config(path)) if path is not None else new_tiny_vinvl(preset)[0]
     if path is not None:
         from transformers import AutoConfig
 
@@ -162,7 +167,7 @@ def lora_targets(model: Any) -> dict[str, dict[str, int]]:
 
     from ptscale.tuners.lora import COMPONENT_ROOTS
 
-    if hasattr(model.base, "qformer") or hasattr(model.base, "text_decoder"):  # BLIP-2's or BLIP's towers
+    if any(hasattr(model.base, t) for t in ("qformer", "text_decoder", "bert")):  # BLIP-2's, BLIP's, VinVL's towers
         roots = {c: r for c, r in COMPONENT_ROOTS.items() if any(n.startswith(r) for n, _ in model.named_parameters())}
     else:
         roots = {"language_model": "base."}  # a standalone language model
@@ -187,9 +192,16 @@ def _table(rows: list[list[str]], indent: str = "  ") -> str:
 
 
 def show_presets() -> str:
-    from ptscale.models.presets import PRESETS, TEXT_PRESETS
+    from ptscale.models.presets import BLIP_PRESETS, PRESETS, TEXT_PRESETS, VINVL_PRESETS
 
     rows = [[name + (" (default)" if name == DEFAULT_PRESET else ""), preset_summary(name)] for name in PRESETS]
+    for name, c in BLIP_PRESETS.items():
+        v, t = c["vision_config"], c["text_config"]
+        rows.append([name, f"BLIP captioning: ViT {v['num_hidden_layers']}x{v['hidden_size']}, text "
+                           f"{t['num_hidden_layers']}x{t['hidden_size']}; pre-trained once and cached"])
+    for name, c in VINVL_PRESETS.items():
+        rows.append([name, f"VinVL (Oscar+) captioning: BERT {c['num_hidden_layers']}x{c['hidden_size']}, regions of "
+                           f"{c['img_feature_dim'] - 6} + 6 box values; pre-trained once and cached"])
     for name, c in TEXT_PRESETS.items():  # language models (the text default: ptscale/recipes/text-default.yaml)
         rows.append([name, f"LM {c['model_type'].upper()} {c['num_hidden_layers']}x{c['hidden_size']}, "
                            f"{c['num_attention_heads']} query / {c['num_key_value_heads']} KV heads; pre-trained once "

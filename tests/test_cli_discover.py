@@ -73,7 +73,7 @@ def test_ls_lists_every_preset_plan_form_group_and_recipe(capsys):
         assert f"\n  {recipe} " in out
 
 
-@pytest.mark.parametrize("preset", ["tiny-blip", "tiny-llama-text"])
+@pytest.mark.parametrize("preset", ["tiny-blip", "tiny-vinvl", "tiny-llama-text"])
 def test_ls_groups_and_targets_of_the_other_families_presets(capsys, preset):
     for what in ("groups", "targets"):
         assert listing.run_ls(argparse.Namespace(what=what, model=preset, path=None, help_text=False,

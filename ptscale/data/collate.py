@@ -55,7 +55,12 @@ class CaptionCollator(ImageRecords):
 def make_collator(model_parts, data_cfg):
     """The collator for a backbone (or its BackboneSource: tokenizer, image processor, query tokens, image
     token id) and a recipe's data section: the one place it is built. A language model (its ``kind``) gets a
-    :class:`ptscale.data.text_collate.TextCollator`; BLIP (family ``blip``) ``ptscale.data.blip_collate``'s."""
+    :class:`ptscale.data.text_collate.TextCollator`; BLIP (family ``blip``) ``ptscale.data.blip_collate``'s;
+    VinVL ``ptscale.data.vinvl_collate``'s."""
+    if getattr(model_parts, "family", "blip2") == "vinvl":
+        from ptscale.data.vinvl_collate import vinvl_collator
+
+        return vinvl_collator(model_parts, data_cfg)
     if getattr(model_parts, "family", "blip2") == "blip":
         from ptscale.data.blip_collate import blip_collator
 

@@ -51,8 +51,18 @@ def load_splits(cfg: DataConfig, collator: CaptionCollator) -> Splits:
         return Splits("text", *(check_records(cfg, collator, make_text_split(cfg.task, size, cfg.seed, split), split)
                                 for split, size in (("train", cfg.train_size), ("eval", cfg.eval_size))))
     splits = _load(cfg, collator)
+    if hasattr(collator, "check_regions") and splits.task == "caption" and cfg.name != "synthetic":
+        collator.check_regions([i for split in (splits.train, splits.eval) for i in _image_ids(split)])  # VinVL
     check_vocabulary(cfg.name, collator.tokenizer, {"training": splits.train, "eval": splits.eval})
     return splits
+
+
+def _image_ids(split) -> list[str]:
+    """The image ids of a lazy split's items (a data set, or the Subset of its first N), without decoding images."""
+    if isinstance(split, Subset):
+        dataset = split.dataset
+        return [str(dataset.rows[dataset.row_of(i)]["image_id"]) for i in split.indices]
+    return [str(i) for i in split.rows["image_id"]]
 
 
 def _load(cfg: DataConfig, collator: CaptionCollator) -> Splits:

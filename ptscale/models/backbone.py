@@ -72,8 +72,12 @@ def default_backbone_dir(cfg: ModelConfig) -> Path:
     # Everything the cached weights depend on: the geometry, the steps, the pre-training recipe and, for the
     # BLIP-2 and BLIP defaults, the synthetic world they are pre-trained on
     spec = {"preset": preset_spec(cfg.preset), "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION}
-    if preset_family(cfg.preset) in ("blip2", "blip"):
+    if preset_family(cfg.preset) in ("blip2", "blip", "vinvl"):
         spec["data"] = DATA_VERSION
+    if preset_family(cfg.preset) == "vinvl":  # and on how its region features are made from the scenes
+        from ptscale.data.region_features import REGIONS_VERSION
+
+        spec["regions"] = REGIONS_VERSION
     key = json.dumps(spec, sort_keys=True)
     return cache_root() / "backbones" / f"{cfg.preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -135,10 +139,12 @@ def ensure_default_backbone(cfg: ModelConfig, *, rank: int = 0, barrier=None) ->
 
 
 def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
-    from ptscale.models.presets import BLIP_PRESETS
+    from ptscale.models.presets import BLIP_PRESETS, VINVL_PRESETS
 
     if cfg.preset in BLIP_PRESETS:
         from ptscale.models.blip import pretrain_tiny_blip as pretrain
+    elif cfg.preset in VINVL_PRESETS:
+        from ptscale.models.vinvl import pretrain_tiny_vinvl as pretrain
     else:
         from ptscale.models.pretrain import pretrain_default as pretrain
 
@@ -205,6 +211,10 @@ def model_class(family: str, config=None):
         from ptscale.models.blip import model_class as blip_class
 
         return blip_class(blip_task(config))
+    if family == "vinvl":
+        from ptscale.models.vinvl import VinVLForCaptioning
+
+        return VinVLForCaptioning
     kind = FAMILIES[family].kind
     if kind == "vision-language":
         return Blip2ForConditionalGeneration
@@ -216,7 +226,7 @@ def model_class(family: str, config=None):
 def new_model(family: str, config):
     """A family's model from its config, with fresh weights (on the current default device, e.g. meta)."""
     cls = model_class(family, config)
-    return cls(config) if family in ("blip2", "blip") else cls.from_config(config)
+    return cls(config) if family in ("blip2", "blip", "vinvl") else cls.from_config(config)
 
 
 def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none",
@@ -232,6 +242,8 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
     from ptscale.models.families import family_of_checkpoint
 
     family = family or family_of_checkpoint(path) or "blip2"
+    if family == "vinvl":
+        return _load_vinvl(path, dtype, quantization)
 
     cls = model_class(family, AutoConfig.from_pretrained(path) if family == "blip" else None)
     if quant is None:
@@ -248,6 +260,17 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
     if family == "blip2" and getattr(model.config, "image_token_id", None) is None:
         raise ValueError(f"{path}: config has no image_token_index; re-save it with a transformers 5 processor")
     return Backbone(model, tokenizer, image_processor, path, family)
+
+
+def _load_vinvl(path: Path, dtype: str, quantization: str) -> Backbone:
+    from ptscale.models.vinvl import load_tokenizer, load_vinvl, with_token_ids
+
+    if quantization != "none":
+        raise ValueError(f"model.quantization={quantization}: not offered for VinVL")
+    tokenizer = load_tokenizer(path)
+    model = load_vinvl(path, DTYPES[dtype])
+    with_token_ids(model.config, tokenizer)
+    return Backbone(model, tokenizer, None, path, "vinvl")
 
 
 # --- Where the backbone comes from: checked, identified and tokenised before any model is built --------------
@@ -327,11 +350,18 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     """The backbone a recipe names (pre-training the embedded default once if it is not cached), with its
     tokenizer and image processor, without loading its weights. ``build=False`` (a dry run): an embedded default
     that is not cached yet is described by its preset's geometry instead of being pre-trained."""
-    from ptscale.models.presets import BLIP_PRESETS, uses_random_weights
+    from ptscale.models.presets import BLIP_PRESETS, VINVL_PRESETS, uses_random_weights
 
-    if cfg.path is None and cfg.preset in BLIP_PRESETS:
+    if cfg.path is None and cfg.preset in (*BLIP_PRESETS, *VINVL_PRESETS):
         _check_blip_preset(cfg)
     if not build and not cfg.path and not uses_random_weights(cfg) and not is_complete(default_backbone_dir(cfg)):
+        if cfg.preset in VINVL_PRESETS:
+            from ptscale.models.vinvl import new_tiny_vinvl
+
+            with torch.device("meta"):
+                model, tokenizer = new_tiny_vinvl(cfg.preset)
+            return BackboneSource(None, model.config, tokenizer, None, {
+                "source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""}, family="vinvl")
         if cfg.preset in BLIP_PRESETS:
             model, tokenizer, processor = _untrained_blip(cfg.preset)
             return BackboneSource(None, model.config, tokenizer, processor, {
@@ -366,8 +396,10 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     from ptscale.errors import RecipeError
     from ptscale.models.families import family_of_checkpoint
 
-    config = AutoConfig.from_pretrained(path)
     family = cfg.family or family_of_checkpoint(path) or "blip2"  # set by the recipe's validation; else detected
+    if family == "vinvl":
+        return _vinvl_source(cfg, path)
+    config = AutoConfig.from_pretrained(path)
     if family_kind(family) != "vision-language":
         return _language_model_source(cfg, path, config, family)
     try:
@@ -401,6 +433,30 @@ def _language_model_source(cfg: ModelConfig, path: Path, config, family: str) ->
                                                           "digest": backbone_digest(path)}, family=family)
 
 
+def _vinvl_source(cfg: ModelConfig, path: Path) -> BackboneSource:
+    """A VinVL directory: its config (ours, or a released Oscar/VinVL one) and BERT tokenizer; no image processor
+    (VinVL reads region features)."""
+    from ptscale.errors import RecipeError
+    from ptscale.models.vinvl import load_tokenizer, read_config, with_token_ids
+
+    if cfg.quantization != "none":
+        raise RecipeError(f"model.quantization={cfg.quantization}: not offered for VinVL (a BERT-base or smaller); "
+                          "set model.quantization: none")
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.path {path}: its tokenizer cannot be loaded ({str(e).splitlines()[0]}); save it "
+                          "beside the weights (VinVL's vocab.txt)") from None
+    missing = [t for t in ("cls_token", "sep_token", "mask_token", "pad_token") if getattr(tokenizer, t) is None]
+    if missing:
+        raise RecipeError(f"model.path {path}: the tokenizer has no {', '.join(missing)}; VinVL needs BERT's [CLS], "
+                          "[SEP], [MASK] and [PAD]")
+    config = with_token_ids(read_config(path), tokenizer)
+    source = str(path) if cfg.path else f"embedded default {path.name}"
+    return BackboneSource(path, config, tokenizer, None, {"source": source, "path": str(path),
+                                                          "digest": backbone_digest(path)}, family="vinvl")
+
+
 def _untrained_blip(preset: str) -> tuple[object, object, object]:
     """The tiny BLIP default on the meta device (its config), tokenizer and image processor: a dry run's
     description of a default that is not pre-trained yet."""
@@ -412,14 +468,16 @@ def _untrained_blip(preset: str) -> tuple[object, object, object]:
 
 
 def _check_blip_preset(cfg: ModelConfig) -> None:
-    """A BLIP preset is the embedded default only: pre-trained (no random-weights build), unquantised."""
+    """A BLIP or VinVL preset is the embedded default only: pre-trained (no random-weights build), unquantised."""
     from ptscale.errors import RecipeError
+    from ptscale.models.presets import VINVL_PRESETS
 
+    name = "VinVL" if cfg.preset in VINVL_PRESETS else "BLIP"
     if cfg.pretrain_steps == 0:
-        raise RecipeError(f"model.pretrain_steps: 0 (random weights) is not offered for the BLIP preset {cfg.preset}; "
-                          "use pretrain_steps > 0, or model.path for a BLIP checkpoint")
+        raise RecipeError(f"model.pretrain_steps: 0 (random weights) is not offered for the {name} preset "
+                          f"{cfg.preset}; use pretrain_steps > 0, or model.path for a {name} checkpoint")
     if cfg.quantization != "none":
-        raise RecipeError(f"model.quantization={cfg.quantization}: not offered for the BLIP preset {cfg.preset} (a "
+        raise RecipeError(f"model.quantization={cfg.quantization}: not offered for the {name} preset {cfg.preset} (a "
                           "small model); set model.quantization: none")
 
 

@@ -9,6 +9,8 @@ family   model_type    loaded as                       prefix targets (default) 
 blip2    blip-2        Blip2ForConditionalGeneration   qformer 8, language_model 8  Q-Former self-attn q, k, v
 blip     blip          BlipForConditionalGeneration    decoder 8                   text decoder self-attn q, v
                        / BlipForQuestionAnswering      (VQA: encoder 8 too)
+vinvl    vinvl (or an  ptscale.models.vinvl            bert 8                      BERT self-attn query, value
+         Oscar bert)   .VinVLForCaptioning
 opt      opt           AutoModelForCausalLM            language_model 8            q_proj, v_proj
 llama    llama         AutoModelForCausalLM            language_model 8            q_proj, v_proj
 qwen2    qwen2         AutoModelForCausalLM            language_model 8            q_proj, v_proj
@@ -61,6 +63,10 @@ FAMILIES: dict[str, Family] = {
                    ("vision", "text_encoder", "text_decoder"), {"decoder": 8},
                    {"text_decoder": ["attention.self.query", "attention.self.value"]},
                    prefix_targets=("vision", "encoder", "decoder", "language_model")),
+    # VinVL / Oscar+ (ptscale.models.vinvl): BERT over caption, tags and region features; prefixes through the hook
+    "vinvl": Family("vinvl", "vinvl", "vision-language", (*_TUNERS, "embeddings", "lm_head", "bert", "projection"),
+                    ("bert", "projection"), {"bert": 8}, {"bert": ["attention.self.query", "attention.self.value"]},
+                    prefix_targets=("bert",)),
     "opt": Family("opt", "opt", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),
     "llama": Family("llama", "llama", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),
     "qwen2": Family("qwen2", "qwen2", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),
@@ -79,7 +85,8 @@ def supported() -> str:
 
 def checkpoint_model_type(path: str | Path) -> str | None:
     """``model_type`` of ``path/config.json``; None when the directory or its config.json is missing (the
-    checkpoint check names that problem). A config.json that is not JSON is a data error."""
+    checkpoint check names that problem). A config.json that is not JSON is a data error. A released Oscar/VinVL
+    config (``bert`` or no model type, with ``img_feature_dim``) is ``vinvl``."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return None
@@ -87,7 +94,12 @@ def checkpoint_model_type(path: str | Path) -> str | None:
         raw = json.loads(config.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"model.path {config}: not valid JSON ({e}); re-save the checkpoint") from None
-    return raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    # a released Oscar / VinVL checkpoint says model_type bert (or, older, none) and carries the image feature size
+    if raw.get("model_type") in ("bert", None) and "img_feature_dim" in raw:
+        return "vinvl"
+    return raw.get("model_type")
 
 
 def family_of_checkpoint(path: str | Path) -> str | None:

@@ -21,7 +21,11 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("embeddings", r"language_model\.(model\.)?(decoder\.)?(embed_tokens|embed_positions|shared)\."),
     # BLIP: word and position embeddings of its text encoder / decoder; the decoder's prediction head
     ("embeddings", r"^base\.text_(encoder|decoder\.bert)\.embeddings\.(word|position)_embeddings\."),
-    ("lm_head", r"language_model\.lm_head\.|^base\.text_decoder\.cls\."),
+    # VinVL: its BERT's word and position embeddings; the masked-token head
+    ("embeddings", r"^base\.bert\.embeddings\.(word|position)_embeddings\."),
+    ("lm_head", r"language_model\.lm_head\.|^base\.text_decoder\.cls\.|^base\.cls\."),
+    ("projection", r"^base\.bert\.(img_embedding|LayerNorm)\."),  # VinVL's region-feature projection
+    ("bert", r"^base\.bert\."),  # VinVL's BERT (Oscar+): caption, tags and regions
     ("vision", r"^base\.vision_model\."),
     ("qformer", r"^base\.(qformer\.|query_tokens$)"),
     ("projection", r"^base\.language_projection\."),
@@ -35,8 +39,8 @@ _RULES: tuple[tuple[str, str], ...] = (
 )
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g for g, _ in _RULES))
 # The model's towers that take tuners (LoRA targets, adapter components): themselves parameter groups.
-Component = Literal["vision", "qformer", "language_model", "text_encoder", "text_decoder"]
-COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model", "text_encoder", "text_decoder")
+Component = Literal["vision", "qformer", "language_model", "text_encoder", "text_decoder", "bert"]
+COMPONENTS: tuple[str, ...] = ("vision", "qformer", "language_model", "text_encoder", "text_decoder", "bert")
 # "full": full fine-tuning; word embeddings and the LM head stay frozen (paper appendix B.5). BLIP-2's towers here;
 # a model family's own "full" (BLIP's vision and text towers, a language model's) is in ptscale.models.families.
 GROUP_ALIASES: dict[str, tuple[str, ...]] = {"full": ("vision", "qformer", "projection", "language_model")}

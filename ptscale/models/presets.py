@@ -60,6 +60,17 @@ BLIP_PRESETS: dict[str, dict] = {
 }
 
 
+# VinVL (ptscale.models.vinvl): the tiny captioning default over synthetic region features (64 appearance values + 6
+# box values per region), pre-trained once and cached like the others. VinVLConfig keys; the vocabulary and special
+# tokens come from the tokenizer.
+VINVL_PRESETS: dict[str, dict] = {
+    "tiny-vinvl": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "max_position_embeddings": 128, "type_vocab_size": 2, "hidden_dropout_prob": 0.0,
+                   "attention_probs_dropout_prob": 0.0, "img_feature_dim": 70, "max_caption_len": 40,
+                   "mask_prob": 0.15, "max_masked_tokens": 3},
+}
+
+
 # Language-model presets (LlamaConfig keys; the vocabulary and special tokens come from the tokenizer).
 # tiny-llama-text is the text embedded default: grouped-query attention (4 query heads, 2 KV heads) and RoPE.
 TEXT_PRESETS: dict[str, dict] = {
@@ -70,10 +81,10 @@ TEXT_PRESETS: dict[str, dict] = {
 
 # Presets with an embedded pre-training recipe (ptscale.models.pretrain, ptscale.models.blip): without model.path
 # they are pre-trained once and cached. The others are geometries: random weights without a checkpoint.
-PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text", *BLIP_PRESETS)
+PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text", *BLIP_PRESETS, *VINVL_PRESETS)
 
 
-ALL_PRESETS: tuple[str, ...] = (*PRESETS, *BLIP_PRESETS, *TEXT_PRESETS)
+ALL_PRESETS: tuple[str, ...] = (*PRESETS, *BLIP_PRESETS, *VINVL_PRESETS, *TEXT_PRESETS)
 
 
 def check_preset(preset: str, where: str) -> None:
@@ -85,15 +96,17 @@ def check_preset(preset: str, where: str) -> None:
 
 
 def preset_spec(preset: str) -> dict:
-    """A preset's geometry: BLIP-2, BLIP or language model."""
+    """A preset's geometry: BLIP-2, BLIP, VinVL or language model."""
     check_preset(preset, "model.preset")
-    return {**PRESETS, **BLIP_PRESETS, **TEXT_PRESETS}[preset]
+    return {**PRESETS, **BLIP_PRESETS, **VINVL_PRESETS, **TEXT_PRESETS}[preset]
 
 
 def preset_family(preset: str) -> str:
     """The model family of a preset (ptscale.models.families)."""
     if preset in TEXT_PRESETS:
         return TEXT_PRESETS[preset]["model_type"]
+    if preset in VINVL_PRESETS:
+        return "vinvl"
     return "blip" if preset in BLIP_PRESETS else "blip2"
 
 

@@ -14,12 +14,14 @@ opt, llama, qwen2  language_model (every ``*.self_attn``; grouped-query attentio
 t5                 encoder, decoder, language_model (= encoder + decoder)
 blip               vision, encoder (BlipForQuestionAnswering's text encoder), decoder (text
                    decoder), language_model (= text encoder + decoder)
+vinvl              bert (every BERT self-attention, over caption, tags and regions; the Oscar
+                   mask is the module's own and still applies to the sequence keys)
 =================  =============================================================================
 
 A module gets a prefix through one of two mechanisms (``mechanism``): the attention-interface hook
 (``ptscale.prefix.attention``) when its ``forward`` dispatches through transformers' attention interface
 (``ALL_ATTENTION_FUNCTIONS``) and ``set_attn_implementation`` reaches its config (BLIP-2, OPT, Llama, Qwen2,
-T5 in transformers 5.23), or a module wrapper (``ptscale.prefix.wrapper``) for the classes that compute
+T5, VinVL's BERT in transformers 5.23), or a module wrapper (``ptscale.prefix.wrapper``) for the classes that compute
 attention themselves and have one (BLIP's ``BlipAttention`` and ``BlipTextSelfAttention``). Anything else
 raises :class:`PrefixHookError` naming the module: a prefix is never silently dropped.
 """
@@ -129,6 +131,7 @@ def _blip(base: nn.Module, target: str) -> Layers:
 # (ptscale.models.families.Family.prefix_targets); these find them.
 FINDERS: dict[str, Callable[[nn.Module, str], Layers]] = {
     "blip-2": _blip2, "blip": _blip, "t5": _t5,
+    "vinvl": lambda base, target: _bert_self_attention(base.bert.encoder, "bert.encoder."),
     **dict.fromkeys(("opt", "llama", "qwen2"), lambda base, target: _lm_self_attention(base, "")),
 }
 

@@ -20,8 +20,8 @@ def test_every_parameter_has_exactly_one_group(wrapped):
     names = [n for n, _ in wrapped.named_parameters()]
     groups = {n: group_of(n) for n in names}
     # OPT ties lm_head to embed_tokens: the shared weight is listed once, under embeddings; text_encoder and
-    # text_decoder are BLIP's towers (tests/models/test_blip.py)
-    assert set(groups.values()) == set(GROUPS) - {"lm_head", "adapter", "text_encoder", "text_decoder"}
+    # text_decoder are BLIP's towers (tests/models/test_blip.py), bert is VinVL's (tests/models/test_vinvl.py)
+    assert set(groups.values()) == set(GROUPS) - {"lm_head", "adapter", "text_encoder", "text_decoder", "bert"}
     assert all(groups[n] == "lora" for n in names if ".lora_" in n)
     assert groups["base.query_tokens"] == "qformer"
     assert groups["base.language_model.model.decoder.embed_tokens.weight"] == "embeddings"

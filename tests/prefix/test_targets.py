@@ -102,7 +102,7 @@ def test_a_module_the_implementation_does_not_reach_is_an_error(monkeypatch):
 def test_every_family_has_a_finder_and_its_targets_are_recipe_targets():
     # target names live with the families (one list); each family's model type has a finder for them
     assert set(FINDERS) == set(BY_MODEL_TYPE)
-    assert PREFIX_TARGETS == ("qformer", "vision", "language_model", "encoder", "decoder")
+    assert PREFIX_TARGETS == ("qformer", "vision", "language_model", "encoder", "decoder", "bert")
 
 
 @pytest.mark.parametrize("kind", ["classic", "plus"])

@@ -44,6 +44,7 @@ COMPONENT_SITES: dict[str, tuple[str, LayerSites]] = {
     # BLIP's text towers (BERT layers; the cross-attention to the image gets no adapter, as in the Q-Former)
     "text_encoder": ("text_encoder", LayerSites("attention.output.dense", "intermediate.dense", "output.dense")),
     "text_decoder": ("text_decoder", LayerSites("attention.output.dense", "intermediate.dense", "output.dense")),
+    "bert": ("bert", LayerSites("attention.output.dense", "intermediate.dense", "output.dense")),  # VinVL's BERT
 }
 
 

@@ -17,13 +17,18 @@ from ptscale.tuners.lora.config import LoraConfig
 
 # Where each component lives inside PrefixTunedModel.
 COMPONENT_ROOTS = {"vision": "base.vision_model.", "qformer": "base.qformer.", "language_model": "base.language_model.",
-                   "text_encoder": "base.text_encoder.", "text_decoder": "base.text_decoder."}  # the last two: BLIP
+                   "text_encoder": "base.text_encoder.", "text_decoder": "base.text_decoder.",  # these two: BLIP
+                   "bert": "base.bert."}  # VinVL
 
 
 def component_root(model: nn.Module, component: str) -> str:
-    """Where ``component`` lives: BLIP-2's or BLIP's towers, or a standalone language model (the whole base)."""
+    """Where ``component`` lives: BLIP-2's, BLIP's or VinVL's towers, or a standalone language model (the whole
+    base)."""
     base = getattr(model, "base", model)
-    if hasattr(base, "language_model") or hasattr(base, "qformer") or hasattr(base, "text_decoder"):
+    if base.config.model_type == "vinvl" and component != "bert":
+        raise ValueError(f"lora.targets.{component}: VinVL has no {component}; use lora.targets.bert")
+    if hasattr(base, "language_model") or hasattr(base, "qformer") or hasattr(base, "text_decoder") \
+            or hasattr(base, "bert"):
         return COMPONENT_ROOTS[component]
     if component != "language_model":
         raise ValueError(f"lora.targets.{component}: a {base.config.model_type} language model has no {component}; "
