@@ -12,8 +12,9 @@ reference: the pre-trained backbone), and the tables from the saved files only.
 
 Equal budgets: every arm trains ``--epochs`` passes in all. A two-stage plan gives ``--first-share`` of them to
 its first stage and the rest to the second; stages that take their settings from the same method (``lora->prefix``
-trains both stages with ``methods.lora``) share the budget equally. Learning rates and batch sizes are the
-recipe's ``methods.*`` (``--set`` changes them for every arm).
+trains both stages with ``methods.lora``) share the budget equally. Learning rates are each method's own, tuned
+on the embedded default (``RATES``); batch sizes are the recipe's ``methods.*`` (``--set`` changes either for every
+arm).
 
 The pre-trained row is the backbone's own evaluation ("before training") in the first arm's first seed of each
 task; the ceiling row is full fine-tuning on the broad pre-training distribution itself (``pretrain`` task,
@@ -50,6 +51,11 @@ PAPER_ARMS = ("prefix", "lora", "adapter", "full", "prefix->lora", "prefix->adap
 # Adapters where LoRA sits (Q-Former and language model), at LoRA's parameter count: the default LoRA (r 16 on
 # q/k/v of both towers' self-attention) has 36,864 parameters (paper table 2 compares at matched budgets).
 ADAPTER_DEFAULT = ("adapter.kind=sequential", "adapter.components=[qformer,language_model]", "adapter.budget=36864")
+# Each method's learning rate on the embedded default, tuned per method alone (docs/findings/lr-sweep.md): an arm
+# trained at a rate chosen for another method is under-trained, and "PT-X beats X" then only says which arm got
+# the better rate. config.py's defaults suit real checkpoints (full fine-tuning at 1e-3 would wreck one), so the
+# grid, which always trains the embedded default, carries its own; --set and an arm's overrides come after them.
+RATES = ("methods.prefix.lr=1e-2", "methods.lora.lr=1e-2", "methods.adapter.lr=5e-3", "methods.full.lr=1e-3")
 CEILING = "ceiling"
 PRETRAINED = "pre-trained"
 GROUP_NAMES = {"test": "downstream test", "gen": "generalisation", "ret": "retention (pre-training distribution)"}
@@ -157,7 +163,8 @@ def train_overrides(spec: GridSpec, task: str, arm: Arm, seed: int, *, before: b
     return [f"output_dir={run_dir.parent}", f"run_name={run_dir.name}", f"seed={seed}", f"data.task={task}",
             f"plan={arm.plan}", *budget_overrides(arm.plan, spec.epochs, spec.first_share),
             *first_stage_quiet(arm.plan), f"eval.before_training={'true' if before else 'false'}",
-            "checkpoint.every_steps=0", "checkpoint.keep_last=1", *adapter, *common_for(arm.plan, spec.common),
+            "checkpoint.every_steps=0", "checkpoint.keep_last=1", *adapter, *common_for(arm.plan, list(RATES)),
+            *common_for(arm.plan, spec.common),
             *arm.overrides]
 
 

@@ -227,3 +227,17 @@ def test_common_settings_reach_only_the_arms_that_use_them() -> None:
     assert grid.common_for("lora", common) == ["methods.lora.lr=1e-4", "lora.r=8", "data.train_size=8"]
     assert grid.common_for("prefix->lora", common) == common
     assert grid.common_for("full", common) == ["data.train_size=8"]
+
+
+def test_every_arm_trains_each_method_at_its_own_tuned_rate_unless_told_otherwise(tmp_path) -> None:
+    """The stages of every plan resolve to their method's rate in RATES; --set and an arm's overrides win."""
+    rates = {r.split("=")[0].split(".")[1]: float(r.split("=")[1]) for r in grid.RATES}
+    spec = GridSpec(tmp_path / "g", [Arm(p) for p in grid.PAPER_ARMS], [0], ["downstream"], ceiling=True)
+    for job in jobs(spec):
+        cfg = load_recipe(None, _overrides(job))
+        for stage, (method, _, _) in zip(cfg.stages, grid.plan_layout(job.arm.plan), strict=True):
+            assert stage.lr == rates[method], (job.arm.plan, stage.name)
+    spec = GridSpec(tmp_path / "h", [parse_arm("prefix->full methods.full.lr=2e-4")], [0], ["downstream"],
+                    common=["methods.prefix.lr=3e-3"], ceiling=False)
+    (job,) = jobs(spec)
+    assert [s.lr for s in load_recipe(None, _overrides(job)).stages] == [3e-3, 2e-4]
