@@ -7,6 +7,7 @@ cases load through the same ``from_pretrained`` path.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -14,6 +15,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,13 +126,33 @@ def is_complete(directory: Path) -> bool:
         return False
 
 
+@contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """One builder per cache entry on this machine: a run started while another builds the same backbone waits
+    for it and then reuses its result, instead of building a second copy and replacing the directory under the
+    first run's feet."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building the cached backbone %s: waiting for it", directory)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_default_backbone(cfg: ModelConfig, *, rank: int = 0, barrier=None) -> Path:
     """Return the cached pre-trained default backbone, building it (rank 0) when missing or corrupt."""
     directory = default_backbone_dir(cfg)
     if rank == 0 and not is_complete(directory):
-        if directory.exists():
-            log.warning("cached backbone %s is incomplete or corrupt: rebuilding it", directory)
-        build_default_backbone(cfg, directory)
+        with _build_lock(directory):
+            if not is_complete(directory):  # else another process built it while this one waited
+                if directory.exists():
+                    log.warning("cached backbone %s is incomplete or corrupt: rebuilding it", directory)
+                build_default_backbone(cfg, directory)
     if barrier is not None:
         barrier()
     if not is_complete(directory):

@@ -1,4 +1,6 @@
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -49,3 +51,36 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     assert is_complete(path) and len(built) == 2
     assert json.loads((path / MARKER).read_text())["steps"] == 2
     load_backbone(path)
+
+
+def test_concurrent_first_runs_build_the_backbone_once(tmp_path, monkeypatch):
+    """Two runs started together on a fresh machine (a grid, parallel tests): one builds, the other waits for the
+    lock and reuses the result; neither replaces the directory while the other reads it."""
+    monkeypatch.setenv("PTSCALE_CACHE", str(tmp_path))
+    cfg = ModelConfig(pretrain_steps=2)
+    built = []
+    import ptscale.models.pretrain as pretrain
+
+    real = pretrain.pretrain_default
+
+    def slow_pretrain(*a):
+        built.append(a)
+        time.sleep(1.0)  # long enough for the second caller to reach the lock while the first one builds
+        return real(*a)
+
+    monkeypatch.setattr(pretrain, "pretrain_default", slow_pretrain)
+    paths, errors = [], []
+
+    def first_run():
+        try:
+            paths.append(ensure_default_backbone(cfg))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(built) == 1
+    assert paths == [default_backbone_dir(cfg)] * 2 and is_complete(paths[0])
