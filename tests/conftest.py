@@ -21,6 +21,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (the README's `-n 2`) each worker's launches share the cores with the other workers': a
+# process started by a test (a run, a rank) takes its share of threads instead of all the cores, which would
+# oversubscribe them (torch's OpenMP threads spin, and oversubscribed they slow every process down).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture

@@ -76,6 +76,7 @@ def vinvl_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a subprocess that loads torch
 def test_a_bad_feature_file_stops_the_command_line_in_one_line(tmp_path, vinvl_dir):
     """data.region_features on the synthetic task: every record reads its files; one broken file is exit 3, one
     line, no traceback, no run directory."""
