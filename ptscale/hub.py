@@ -24,9 +24,14 @@ class ExportLoadError(FileNotFoundError):
 
 
 def _model_class(name: str):
+    """The class an export's base was saved from: a transformers class, or one of ptscale's own models written for
+    transformers (VinVL: transformers has none). Looked up by name in these two places only, never imported
+    from a module the export names."""
     import transformers
 
-    cls = getattr(transformers, name, None)
+    from ptscale.models.vinvl import VinVLForCaptioning
+
+    cls = getattr(transformers, name, None) or {VinVLForCaptioning.__name__: VinVLForCaptioning}.get(name)
     if cls is None:
         raise ExportLoadError(f"transformers has no class {name!r} (the export was made with another version?)")
     return cls

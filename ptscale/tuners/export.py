@@ -253,8 +253,8 @@ def export_merged(model: PrefixTunedModel, out_dir: str | Path, tokenizer: Any =
         cache_ok = lm_only and model.positions == "shift"
     base = base_info(model, base_model_name_or_path, base_digest)
     load = {"ptscale": f"ptscale.from_pretrained({str(out)!r})",
-            "transformers": f"{cls}.from_pretrained({str(out / sub)!r})" + ("  # WITHOUT the prefixes" if has_prefix
-                                                                             else "")}
+            "transformers": _import_line(model.base) + f"{cls}.from_pretrained({str(out / sub)!r})"
+                            + ("  # WITHOUT the prefixes" if has_prefix else "")}
     not_included = []
     warnings = []
     if has_prefix:
@@ -297,6 +297,12 @@ def _write_folded_prefixes(model: PrefixTunedModel, out: Path) -> dict[str, str]
         save_prefixes(model, out / PREFIX_FILE)
     return {PREFIX_FILE: f"every prefix folded to static keys/values ({_targets_text(model)}; ptscale format)",
             PREFIX_CONFIG_FILE: "the prefix settings that re-wrap the model (kind, lengths, positions)"}
+
+
+def _import_line(base: torch.nn.Module) -> str:
+    """Where the base's class comes from, when it is not transformers' own (VinVL is ptscale's)."""
+    module = type(base).__module__
+    return "" if module.startswith("transformers.") else f"from {module} import {type(base).__name__}; "
 
 
 def base_info(model: PrefixTunedModel, name_or_path: str | Path | None, digest: str | None = None) -> dict[str, Any]:

@@ -327,3 +327,24 @@ def test_run_labels_name_vinvl_placements():
     assert placement(load_recipe(None, ["model.preset=tiny-vinvl", "plan=prefix->full"])) == "prefix BERT 8; full FT"
     assert placement(load_recipe(None, ["model.preset=tiny-vinvl", "plan=prefix->lora"])) == \
         "prefix BERT 8; LoRA r16 BERT query/value"
+
+
+def test_merged_export_reloads_through_ptscale_with_the_same_logits(tmp_path):
+    """--merged on a prefixed VinVL: ptscale.from_pretrained finds the class (ptscale's own, transformers has none)
+    and reproduces the trained model; the manifest's plain load line says where the class comes from."""
+    from ptscale.hub import from_pretrained
+    from ptscale.tuners.export import export_merged, read_manifest
+
+    model = PrefixTunedModel(build(dtype=torch.float32), PrefixConfig(lengths={"bert": 3}, encoder_hidden=8,
+                                                                      init_std=0.5)).eval()
+    b = _without_labels(batch(dtype=torch.float32))
+    with torch.no_grad():
+        trained = model(**b).logits
+    export_merged(model, tmp_path)
+    reloaded = from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded.base, VinVLForCaptioning) and set(reloaded.folded()) == {"bert"}
+    with torch.no_grad():
+        # the export folds the prefix encoder into static keys/values: the same float32 sums, reordered
+        torch.testing.assert_close(reloaded(**b).logits, trained, rtol=1e-5, atol=1e-5)
+    line = read_manifest(tmp_path)["load"]["transformers"]
+    assert line.startswith("from ptscale.models.vinvl import VinVLForCaptioning; VinVLForCaptioning.from_pretrained(")
