@@ -36,7 +36,8 @@ def _tiny_expected(vocab: int) -> dict[str, int]:
     lora = 16 * (3 * 2 * (qh + qh)) + 16 * (3 * 2 * (th + th))
     return {"prefix": prefix(qh, 2) + prefix(th, 2), "lora": lora, "adapter": 0, "embeddings": embeddings,
             "lm_head": 0, "vision": vision, "qformer": qformer, "projection": _linear(qh, th),
-            "language_model": language_model, "text_encoder": 0, "text_decoder": 0}  # the last two: BLIP's
+            "language_model": language_model, "text_encoder": 0, "text_decoder": 0,  # BLIP's
+            "bert": 0}  # VinVL's
 
 
 # The hand counts below use a 512-wide prefix MLP (Li & Liang's width; the recipe default is 64 for the tiny model).
