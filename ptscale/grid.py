@@ -477,8 +477,12 @@ def deltas(results: list[RunResult], tasks: list[str]) -> tuple[str, list[dict]]
         metrics = [_group_metric(g, m) for g in EVAL_GROUPS for m in HEADLINE[kind]]
         body = []
         for x in ("lora", "adapter", "full"):
-            for pt in (f"prefix->{x}", f"prefix+{x}", f"{x}->prefix"):
-                if pt not in arms or x not in arms:
+            # every arm of a PT plan of X, with or without overrides of its own (e.g. X's whole budget after the
+            # prefix stage), against X as the grid trains it
+            order = (f"prefix->{x}", f"prefix+{x}", f"{x}->prefix")
+            pts = sorted((a for a in arms if a.split(" ", 1)[0] in order), key=lambda a: order.index(a.split(" ")[0]))
+            for pt in pts:
+                if x not in arms:
                     continue
                 base = {r.seed: r.metrics for r in arms[x]}
                 pairs = [(r.metrics, base[r.seed]) for r in arms[pt] if r.seed in base]

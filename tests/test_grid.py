@@ -241,3 +241,15 @@ def test_every_arm_trains_each_method_at_its_own_tuned_rate_unless_told_otherwis
                     common=["methods.prefix.lr=3e-3"], ceiling=False)
     (job,) = jobs(spec)
     assert [s.lr for s in load_recipe(None, _overrides(job)).stages] == [3e-3, 2e-4]
+
+
+def test_a_pt_arm_with_its_own_overrides_is_paired_with_its_method(tmp_path) -> None:
+    """'prefix->lora methods.lora.epochs=3' (LoRA's whole budget after the prefix stage) is a PT-LoRA arm too."""
+    spec = GridSpec(tmp_path / "g", [Arm("lora"), parse_arm("prefix->lora methods.lora.epochs=3")], [0, 1, 2],
+                    ["downstream"], ceiling=False)
+    all_jobs = jobs(spec)
+    for job in all_jobs:
+        _finish(job)
+    text = write_tables(spec, all_jobs, {"downstream": _analysis(all_jobs)}, {"ran": [], "skipped": [],
+                                                                              "seconds": 0.0}, ["ptscale"]).read_text()
+    assert "| prefix->lora methods.lora.epochs=3 − lora | 3 | +3.3 ± 11.5 (2+/1-) |" in text

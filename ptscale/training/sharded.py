@@ -85,15 +85,23 @@ def build_random_backbone(preset: str, dtype: str) -> Backbone:
     return Backbone(model, tokenizer, processor, Path(f"<random {preset}>"))
 
 
-def load_sharded_backbone(path: str | Path, ds_config: dict, dtype: str, family: str = "blip2") -> Backbone:
+def load_sharded_backbone(path: str | Path, ds_config: dict, dtype: str,
+                          family: str = "blip2") -> tuple[Backbone, bool]:
     """``model.path`` under ZeRO-3: ``from_pretrained`` with an HfDeepSpeedConfig alive builds under
-    zero.Init and loads the checkpoint into the partitions (no rank materialises the whole model)."""
+    zero.Init and loads the checkpoint into the partitions (no rank materialises the whole model). Returns the
+    backbone and whether it was built under zero.Init (False: loaded whole, then partitioned)."""
     from ptscale.models.backbone import load_backbone
 
     with _zero3_transformers(ds_config, dtype) as hf_ds_config:
         backbone = load_backbone(path, dtype, family=family)
+        under_init = any(hasattr(p, "ds_id") for p in backbone.model.parameters())
+        if not under_init:
+            # a loader outside from_pretrained (VinVL: its released layout is read by ptscale) builds the model
+            # whole; it is partitioned below, but every rank held all of it once: say so, never claim zero.Init
+            log.warning("model.path %s (%s) is loaded whole on every rank, then partitioned: its loader does not "
+                        "build under zero.Init, so each rank needs the memory of the whole model once", path, family)
         _finish_sharding(backbone.model, ds_config, hf_ds_config)
-    return backbone
+    return backbone, under_init
 
 
 @contextlib.contextmanager
@@ -168,11 +176,12 @@ def build_backbone(source: BackboneSource, model_cfg: ModelConfig, zero3_config:
             load_backbone(source.path, m.dtype, m.quantization, source.family)
     reset_peaks()
     if random_weights:
-        backbone = build_sharded_backbone(m.preset, zero3_config, m.dtype)
+        backbone, under_init = build_sharded_backbone(m.preset, zero3_config, m.dtype), True
     else:
-        backbone = load_sharded_backbone(m.path, zero3_config, m.dtype, source.family)
+        backbone, under_init = load_sharded_backbone(m.path, zero3_config, m.dtype, source.family)
     reports = gather_objects(memory_report(torch.distributed.get_rank()))  # every rank's peak, printed by rank 0
     if torch.distributed.get_rank() == 0:
         for report in reports:
-            print(report.line(f"built {m.path or m.preset} under zero.Init"), flush=True)
+            how = "under zero.Init" if under_init else "whole, then partitioned"
+            print(report.line(f"built {m.path or m.preset} {how}"), flush=True)
     return backbone

@@ -40,7 +40,8 @@ ref.save_pretrained(ckpt), tok.save_pretrained(ckpt), tiny_processor().save_pret
 reference = {n: p.detach().clone() for n, p in ref.named_parameters()}
 del ref
 fp32 = ds.resolve_ds_config(ds.load_ds_template("ds_configs/zero3.json"), stage, "fp32", dist.world_size)
-loaded = load_sharded_backbone(ckpt, fp32, "fp32")
+loaded, under_init = load_sharded_backbone(ckpt, fp32, "fp32")
+assert under_init
 sharded, differ = [], []
 for n, p in loaded.model.named_parameters():
     sharded.append(hasattr(p, "ds_id") and p.numel() == 0)
