@@ -360,7 +360,7 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
     """Checks across keys that types alone cannot express. ``explicit``: the dotted keys the user set (in
     their recipe file or as overrides); such a key that the plan would ignore is an error."""
     # the group names are owned by the model side
-    from ptscale.models.groups import GROUP_ALIASES, GROUPS, expand_groups
+    from ptscale.models.groups import COMPONENTS, GROUP_ALIASES, GROUPS, expand_groups
 
     family = _family(cfg, explicit)
     check_prefix(cfg.prefix)
@@ -393,6 +393,10 @@ def validate(cfg: RunConfig, explicit: set[str] | frozenset[str] = frozenset()) 
         if "adapter" in stage.train and cfg.adapter is None:
             raise RecipeError(f"{key}.train: trains 'adapter' but the recipe has no adapter section "
                               "(e.g. adapter: {kind: sequential, components: [qformer], budget: 12288})")
+        if "adapter" in stage.train and (absent := [c for c in cfg.adapter.components if c not in family.groups]):
+            towers = [c for c in COMPONENTS if c in family.groups]
+            raise RecipeError(f"adapter.components: the {family.name} model has no {', '.join(map(repr, absent))}; "
+                              f"its components: {', '.join(towers)}")
         _check_stage(stage, key)
     _drop_unused(cfg, explicit)
     _check_run(cfg)

@@ -82,3 +82,12 @@ def test_recipe_file_and_missing_file(tmp_path):
 def test_named_plans(plan, trains):
     cfg = load_recipe(overrides=[f"plan={plan}"])
     assert [s.train for s in cfg.stages] == trains
+
+
+@pytest.mark.parametrize("preset, towers", [("tiny-vinvl", "bert"),
+                                            ("tiny-blip", "vision, text_encoder, text_decoder")])
+def test_adapters_in_a_tower_the_model_lacks_are_refused_naming_its_towers(preset, towers):
+    """adapter.components names a tower of the model's own family (was: an AttributeError traceback at build)."""
+    with pytest.raises(RecipeError, match=f"adapter.components: .* has no 'qformer'; its components: {towers}$"):
+        load_recipe(None, [f"model.preset={preset}", "plan=prefix->adapter", "adapter.components=[qformer]",
+                           "adapter.budget=1000"])
