@@ -119,6 +119,13 @@ def test_lora_and_adapters_reach_the_blip_text_decoder():
                                            "base.text_decoder.bert.encoder.layer.0.output.dense"]
 
 
+def test_lora_on_a_tower_blip_lacks_names_the_towers_it_has():
+    model = PrefixTunedModel(new_tiny_blip("tiny-blip", seed=0)[0], PrefixConfig(lengths={"decoder": 2}))
+    with pytest.raises(ValueError, match="lora.targets.qformer: a blip model has no qformer; its components: "
+                                         "vision, text_decoder$"):
+        inject_lora(model, LoraConfig(targets={"qformer": ["query"]}))
+
+
 def test_generation_path_decodes_only_new_tokens(blip_dir):
     from ptscale.data.synthetic import make_split
 

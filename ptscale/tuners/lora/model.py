@@ -29,6 +29,10 @@ def component_root(model: nn.Module, component: str) -> str:
         raise ValueError(f"lora.targets.{component}: VinVL has no {component}; use lora.targets.bert")
     if hasattr(base, "language_model") or hasattr(base, "qformer") or hasattr(base, "text_decoder") \
             or hasattr(base, "bert"):
+        towers = [c for c, root in COMPONENT_ROOTS.items() if hasattr(base, root.split(".")[1])]
+        if component not in towers:  # BLIP has no qformer, BLIP-2 no text_decoder: name the ones it has
+            raise ValueError(f"lora.targets.{component}: a {base.config.model_type} model has no {component}; "
+                             f"its components: {', '.join(towers)}")
         return COMPONENT_ROOTS[component]
     if component != "language_model":
         raise ValueError(f"lora.targets.{component}: a {base.config.model_type} language model has no {component}; "
