@@ -25,12 +25,9 @@ def component_root(model: nn.Module, component: str) -> str:
     """Where ``component`` lives: BLIP-2's, BLIP's or VinVL's towers, or a standalone language model (the whole
     base)."""
     base = getattr(model, "base", model)
-    if base.config.model_type == "vinvl" and component != "bert":
-        raise ValueError(f"lora.targets.{component}: VinVL has no {component}; use lora.targets.bert")
-    if hasattr(base, "language_model") or hasattr(base, "qformer") or hasattr(base, "text_decoder") \
-            or hasattr(base, "bert"):
-        towers = [c for c, root in COMPONENT_ROOTS.items() if hasattr(base, root.split(".")[1])]
-        if component not in towers:  # BLIP has no qformer, BLIP-2 no text_decoder: name the ones it has
+    towers = [c for c, root in COMPONENT_ROOTS.items() if hasattr(base, root.split(".")[1])]
+    if towers:  # a multimodal model (a standalone language model has none of these: it is the whole base)
+        if component not in towers:  # BLIP has no qformer, BLIP-2 no text_decoder, VinVL only bert
             raise ValueError(f"lora.targets.{component}: a {base.config.model_type} model has no {component}; "
                              f"its components: {', '.join(towers)}")
         return COMPONENT_ROOTS[component]
