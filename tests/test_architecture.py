@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.tuners.adapter.config", 1), ("ptscale.labels", 1),
     # 2: components a recipe configures: data, prefixes, tuners, generation
     ("ptscale.data", 2), ("ptscale.prefix", 2), ("ptscale.tuners.lora", 2), ("ptscale.tuners.adapter", 2),
+    ("ptscale.models.ofa", 2),
     ("ptscale.models.feature_cache", 2), ("ptscale.models.pretrain", 2), ("ptscale.models.pretrain_loop", 2),
     ("ptscale.eval.generate", 2),
     ("ptscale.models.pretrain_text", 2),

@@ -11,6 +11,8 @@ blip     blip          BlipForConditionalGeneration    decoder 8                
                        / BlipForQuestionAnswering      (VQA: encoder 8 too)
 vinvl    vinvl (or an  ptscale.models.vinvl            bert 8                      BERT self-attn query, value
          Oscar bert)   .VinVLForCaptioning
+ofa      ofa           ptscale.models.ofa.OFAModel     language_model 8 (encoder   q_proj, v_proj (every
+                                                       + decoder self-attn)        attention)
 opt      opt           AutoModelForCausalLM            language_model 8            q_proj, v_proj
 llama    llama         AutoModelForCausalLM            language_model 8            q_proj, v_proj
 qwen2    qwen2         AutoModelForCausalLM            language_model 8            q_proj, v_proj
@@ -67,6 +69,10 @@ FAMILIES: dict[str, Family] = {
     "vinvl": Family("vinvl", "vinvl", "vision-language", (*_TUNERS, "embeddings", "lm_head", "bert", "projection"),
                     ("bert", "projection"), {"bert": 8}, {"bert": ["attention.self.query", "attention.self.value"]},
                     prefix_targets=("bert",)),
+    # OFA (ptscale.models.ofa): ResNet image embedding + encoder-decoder; prefixes through module wrappers
+    "ofa": Family("ofa", "ofa", "vision-language", (*_TUNERS, "embeddings", "lm_head", "vision", "language_model"),
+                  ("vision", "language_model"), {"language_model": 8}, {"language_model": ["q_proj", "v_proj"]},
+                  prefix_targets=("encoder", "decoder", "language_model")),
     "opt": Family("opt", "opt", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),
     "llama": Family("llama", "llama", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),
     "qwen2": Family("qwen2", "qwen2", "causal-lm", _LM_GROUPS, ("language_model",), {"language_model": 8}, _QV),

@@ -24,6 +24,12 @@ _RULES: tuple[tuple[str, str], ...] = (
     # VinVL: its BERT's word and position embeddings; the masked-token head
     ("embeddings", r"^base\.bert\.embeddings\.(word|position)_embeddings\."),
     ("lm_head", r"language_model\.lm_head\.|^base\.text_decoder\.cls\.|^base\.cls\."),
+    # OFA: the shared word embeddings and the position tables; its output projection (tied to the embeddings in
+    # the released models); its ResNet image embedding with the projection of its cells; the rest of its
+    # encoder-decoder is its language model
+    ("embeddings", r"^base\.(encoder|decoder)\.(embed_tokens|embed_positions|embed_image_positions)\."),
+    ("lm_head", r"^base\.decoder\.output_projection\."),
+    ("vision", r"^base\.encoder\.(embed_images|image_proj|patch_layernorm_embedding)\."),
     ("projection", r"^base\.bert\.(img_embedding|LayerNorm)\."),  # VinVL's region-feature projection
     ("bert", r"^base\.bert\."),  # VinVL's BERT (Oscar+): caption, tags and regions
     ("vision", r"^base\.vision_model\."),

@@ -16,13 +16,16 @@ blip               vision, encoder (BlipForQuestionAnswering's text encoder), de
                    decoder), language_model (= text encoder + decoder)
 vinvl              bert (every BERT self-attention, over caption, tags and regions; the Oscar
                    mask is the module's own and still applies to the sequence keys)
+ofa                encoder, decoder (every self-attention of OFA's encoder / decoder; never the
+                   cross-attention), language_model (= both)
 =================  =============================================================================
 
 A module gets a prefix through one of two mechanisms (``mechanism``): the attention-interface hook
 (``ptscale.prefix.attention``) when its ``forward`` dispatches through transformers' attention interface
 (``ALL_ATTENTION_FUNCTIONS``) and ``set_attn_implementation`` reaches its config (BLIP-2, OPT, Llama, Qwen2,
 T5, VinVL's BERT in transformers 5.23), or a module wrapper (``ptscale.prefix.wrapper``) for the classes that compute
-attention themselves and have one (BLIP's ``BlipAttention`` and ``BlipTextSelfAttention``). Anything else
+attention themselves and have one (BLIP's ``BlipAttention`` and ``BlipTextSelfAttention``, OFA's
+``OFAAttention``). Anything else
 raises :class:`PrefixHookError` naming the module: a prefix is never silently dropped.
 """
 
@@ -127,10 +130,16 @@ def _blip(base: nn.Module, target: str) -> Layers:
     return _blip_text(base, target)
 
 
+def _ofa(base: nn.Module, target: str) -> Layers:
+    stacks = ("encoder", "decoder") if target == "language_model" else (target,)
+    return [(f"{s}.layers.{i}.self_attn", layer.self_attn) for s in stacks
+            for i, layer in enumerate(getattr(base, s).layers)]
+
+
 # model type -> (model, target) -> its layers. The target names each family takes are defined with the family
 # (ptscale.models.families.Family.prefix_targets); these find them.
 FINDERS: dict[str, Callable[[nn.Module, str], Layers]] = {
-    "blip-2": _blip2, "blip": _blip, "t5": _t5,
+    "blip-2": _blip2, "blip": _blip, "t5": _t5, "ofa": _ofa,
     "vinvl": lambda base, target: _bert_self_attention(base.bert.encoder, "bert.encoder."),
     **dict.fromkeys(("opt", "llama", "qwen2"), lambda base, target: _lm_self_attention(base, "")),
 }
@@ -155,7 +164,7 @@ def find_layers(base: nn.Module, target: str) -> Layers:
 INTERFACE, WRAPPER = "interface hook", "module wrapper"
 # Model types whose attention takes prefixes through wrappers only: their masks are built for their own
 # (eager) attention, so ``set_attn_implementation`` must leave them alone.
-WRAPPER_ONLY = ("blip",)
+WRAPPER_ONLY = ("blip", "ofa")
 
 
 def mechanism(name: str, module: nn.Module) -> str:
@@ -173,8 +182,10 @@ def mechanism(name: str, module: nn.Module) -> str:
 
 def is_causal_layer(base: nn.Module, name: str) -> bool:
     """Whether a wrapped layer is causal (its own mask says so; this only lets the Triton kernel take it):
-    BLIP's text decoder."""
-    return base.config.model_type == "blip" and name.startswith("text_decoder.")
+    BLIP's text decoder, OFA's decoder."""
+    model_type = base.config.model_type
+    return ((model_type == "blip" and name.startswith("text_decoder."))
+            or (model_type == "ofa" and name.startswith("decoder.")))
 
 
 def check_reached(name: str, module: nn.Module, implementation: str) -> None:

@@ -1,11 +1,12 @@
 """The second prefix mechanism: module wrappers, for attention modules that compute softmax(QK^T)V
 themselves instead of dispatching through transformers' attention interface (BLIP's ``BlipAttention``
-and ``BlipTextSelfAttention`` in transformers 5.23).
+and ``BlipTextSelfAttention`` in transformers 5.23, ptscale's OFA ``OFAAttention``).
 
 The PEFT way: each target attention module is replaced in its parent by a thin wrapper that
 
 * owns no weights: it adopts the original's submodules (``query``/``key``/``value``, ``qkv``/``projection``,
-  ``dropout``) under the same names, so parameter names, state dicts, checkpoints, parameter groups and LoRA
+  ``dropout``) and the weights of its own that its wrapper class names (OFA's per-head scale ``c_attn``) under
+  the same names, so parameter names, state dicts, checkpoints, parameter groups and LoRA
   targets are unchanged, and it copies the original's plain attributes (head counts, ``layer_idx``, config);
 * with no prefix (length 0 is never wrapped; prefixes disabled; a dormant prefix stage) runs the original
   class's own ``forward`` on itself, so the model computes exactly what it computed before;
@@ -36,6 +37,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
+from ptscale.models.ofa import OFAAttention
 from ptscale.prefix.attention import SLOT_ATTR, PrefixSlot, _plus_forward, classic_prefix_attention
 from ptscale.prefix.plus import PlusLayer
 
@@ -90,6 +92,8 @@ class PrefixAttentionWrapper(nn.Module):
     computes q, k, v and its output (``prefixed_forward``)."""
 
     wraps: ClassVar[type[nn.Module]]
+    # weights of the module itself (not of a submodule) the wrapper registers as its own, under the same names
+    adopts: ClassVar[tuple[str, ...]] = ()
     # The module's own forward never reads this (it is False: the wrapper's mask carries causality); SDPA,
     # called on the Prefix-Tuning+ path, would otherwise default to causal for an unmasked layer.
     is_causal = False
@@ -99,9 +103,12 @@ class PrefixAttentionWrapper(nn.Module):
         if type(original) is not self.wraps:
             raise TypeError(f"{type(self).__name__} wraps {self.wraps.__name__}, not {type(original).__name__}")
         own = list(original.named_parameters(recurse=False)) + list(original.named_buffers(recurse=False))
-        if own:  # the wrapper adopts submodules only; a weight of the module itself would be lost
-            raise TypeError(f"{type(original).__name__} has weights of its own ({', '.join(n for n, _ in own)}); "
-                            "the prefix wrapper adopts submodules only")
+        unknown = [n for n, _ in own if n not in self.adopts]
+        if unknown:  # a weight of the module itself the wrapper does not know would be lost
+            raise TypeError(f"{type(original).__name__} has weights of its own ({', '.join(unknown)}); "
+                            f"the prefix wrapper adopts submodules and {list(self.adopts) or 'no weights'} only")
+        for name, p in original.named_parameters(recurse=False):
+            self.register_parameter(name, p)
         for name, value in vars(original).items():
             if not name.startswith("_") and name != "training":
                 object.__setattr__(self, name, value)
@@ -168,8 +175,39 @@ class BlipAttentionWrapper(PrefixAttentionWrapper):
         return self.projection(out.reshape(b, length, width)), None
 
 
+class OFAAttentionWrapper(PrefixAttentionWrapper):
+    """``OFAAttention`` used as self-attention (OFA's encoder and decoder; never the decoder's cross-attention).
+
+    OFA adds a position bias to every score besides its mask; both go on as one additive term over the sequence
+    keys, so the prefix columns get neither: every query sees every prefix position, with no position bias (a
+    prefix has no position). The decoder's cache takes the sequence keys only, so the positions OFA derives from
+    its length are the sequence's."""
+
+    wraps = OFAAttention
+    adopts = ("c_attn",)
+    # the original's own steps, on the adopted submodules: projections through the cache, per-head scale + output
+    heads, project, finish = OFAAttention.heads, OFAAttention.project, OFAAttention.finish
+
+    def prefixed_forward(self, prefix, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
+                         attention_mask: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None,
+                         past_key_values=None):
+        if key_value_states is not None:
+            raise RuntimeError("a prefixed OFAAttention was called as cross-attention; prefixes belong to "
+                               "self-attention only")
+        query, key, value = self.project(hidden_states, None, past_key_values)
+        bias = attn_bias
+        if attention_mask is not None:
+            bias = attention_mask if bias is None else bias + attention_mask
+        out = wrapped_attention(self, query, key, value, prefix, bias, scaling=self.scaling,
+                                dropout=self._dropout(), causal=self.causal)
+        return self.finish(out), None
+
+    def _dropout(self) -> float:
+        return self.attn_dropout.p if self.training else 0.0
+
+
 WRAPPERS: dict[type[nn.Module], type[PrefixAttentionWrapper]] = {
-    cls.wraps: cls for cls in (BlipTextSelfAttentionWrapper, BlipAttentionWrapper)}
+    cls.wraps: cls for cls in (BlipTextSelfAttentionWrapper, BlipAttentionWrapper, OFAAttentionWrapper)}
 
 
 def wrap(base: nn.Module, name: str, module: nn.Module, *, causal: bool) -> PrefixAttentionWrapper:
