@@ -326,6 +326,20 @@ def test_load_tokenizer_puts_codes_then_bins_after_the_bpe(released):
     assert bpe + 1 in tokenizer(" a cat<code_1>").input_ids  # an added token is one token
 
 
+def test_a_saved_tokenizer_directory_loads_as_it_was_saved(released, tmp_path):
+    """A directory ``save_pretrained`` wrote (tokenizer.json, codes and bins already in it) loads as it is."""
+    from transformers import BartTokenizerFast
+
+    path, original, bpe = released
+    built = BartTokenizerFast(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))
+    built.add_tokens([f"<code_{i}>" for i in range(NUM_CODES)] + [f"<bin_{i}>" for i in range(NUM_BINS)])
+    built.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path, original.config)
+    text = SENTENCES[0] + " <code_2> <bin_1>"
+    assert loaded(text).input_ids == built(text).input_ids
+    assert loaded.convert_tokens_to_ids(["<code_0>", "<bin_0>"]) == [bpe, bpe + NUM_CODES]
+
+
 def test_a_tokenizer_of_another_size_is_an_error(released):
     path, original, _ = released
     config = read_config(path)
