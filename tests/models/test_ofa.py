@@ -96,6 +96,22 @@ def test_text_padding_changes_no_logit_of_a_row():
     assert (unmasked[0] - rows[1][0]).abs().max() > 1e-3
 
 
+def test_a_row_without_its_image_gives_the_text_only_logits():
+    """patch_masks False: that row's image cells are padding; its logits are those of its text alone (no image)."""
+    model = build_ofa()
+    batch = ofa_batch()
+    dec = batch["decoder_input_ids"]
+    with torch.no_grad():
+        both = model(**prompt(batch), patch_masks=torch.tensor([True, False]), decoder_input_ids=dec).logits
+        text = model(input_ids=batch["input_ids"][1:, :4], decoder_input_ids=dec[1:]).logits
+        first = model(**{k: v[:1] for k, v in prompt(batch).items()}, decoder_input_ids=dec[:1]).logits
+        second = model(**{k: v[1:] for k, v in prompt(batch).items()}, decoder_input_ids=dec[1:]).logits
+    # masked keys add exactly 0; the rest is float64 rounding over differently shaped tensors
+    torch.testing.assert_close(both[1], text[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(both[0], first[0], rtol=1e-10, atol=1e-12)
+    assert (second[0] - text[0]).abs().max() > 1e-3  # the image matters where it is kept
+
+
 def _prefixed_ofa():
     return prefixed(build_ofa(), {"encoder": 3, "decoder": 2})
 
