@@ -25,13 +25,15 @@ class ExportLoadError(FileNotFoundError):
 
 def _model_class(name: str):
     """The class an export's base was saved from: a transformers class, or one of ptscale's own models written for
-    transformers (VinVL: transformers has none). Looked up by name in these two places only, never imported
+    transformers (VinVL, OFA: transformers has none). Looked up by name in these two places only, never imported
     from a module the export names."""
     import transformers
 
+    from ptscale.models.ofa import OFAModel
     from ptscale.models.vinvl import VinVLForCaptioning
 
-    cls = getattr(transformers, name, None) or {VinVLForCaptioning.__name__: VinVLForCaptioning}.get(name)
+    own = {c.__name__: c for c in (VinVLForCaptioning, OFAModel)}
+    cls = getattr(transformers, name, None) or own.get(name)
     if cls is None:
         raise ExportLoadError(f"transformers has no class {name!r} (the export was made with another version?)")
     return cls

@@ -14,10 +14,11 @@ _BASE_GROUPS = ("vision", "qformer", "projection", "language_model")  # the "ful
 
 
 def _full_groups(cfg: RunConfig) -> tuple[str, ...]:
-    """What "full" trains: VinVL's BERT and projection (ptscale.models.families), else BLIP-2's towers."""
+    """What "full" trains: VinVL's BERT and projection, OFA's ResNet and encoder-decoder
+    (ptscale.models.families), else BLIP-2's towers."""
     from ptscale.models.families import FAMILIES
 
-    return FAMILIES["vinvl"].full if cfg.model.family == "vinvl" else _BASE_GROUPS
+    return FAMILIES[cfg.model.family].full if cfg.model.family in ("vinvl", "ofa") else _BASE_GROUPS
 
 
 def _short_targets(targets: list[str]) -> str:

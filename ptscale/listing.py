@@ -101,7 +101,7 @@ def meta_model(preset: str | None, path: str | None) -> Any:
     if path is not None and not (Path(path) / "config.json").is_file():
         raise RecipeError(f"--path {path}: no config.json (a HF checkpoint directory)")
     family = _family(preset, path)
-    if family.is_language_model or family.name in ("blip", "vinvl"):
+    if family.is_language_model or family.name in ("blip", "vinvl", "ofa"):
         with torch.device("meta"):
             return PrefixTunedModel(_meta_family_model(family.name, preset, path),
                                     PrefixConfig(lengths=dict(family.prefix_lengths)))
@@ -115,8 +115,12 @@ def meta_model(preset: str | None, path: str | None) -> Any:
 
 
 def _meta_family_model(family: str, preset: str | None, path: str | None) -> Any:
-    """A language model, BLIP or VinVL from a checkpoint's config, or its embedded preset's geometry (word
+    """A language model, BLIP, VinVL or OFA from a checkpoint's config, or its embedded preset's geometry (word
     vocabulary)."""
+    if family == "ofa":
+        from ptscale.models.ofa import OFAModel, new_tiny_ofa, read_config
+
+        return OFAModel(read_config(path)) if path is not None else new_tiny_ofa(preset)[0]
     if family == "vinvl":
         from ptscale.models.vinvl import VinVLForCaptioning, new_tiny_vinvl, read_config
 
@@ -192,7 +196,7 @@ def _table(rows: list[list[str]], indent: str = "  ") -> str:
 
 
 def show_presets() -> str:
-    from ptscale.models.presets import BLIP_PRESETS, PRESETS, TEXT_PRESETS, VINVL_PRESETS
+    from ptscale.models.presets import BLIP_PRESETS, OFA_PRESETS, PRESETS, TEXT_PRESETS, VINVL_PRESETS
 
     rows = [[name + (" (default)" if name == DEFAULT_PRESET else ""), preset_summary(name)] for name in PRESETS]
     for name, c in BLIP_PRESETS.items():
@@ -202,6 +206,10 @@ def show_presets() -> str:
     for name, c in VINVL_PRESETS.items():
         rows.append([name, f"VinVL (Oscar+) captioning: BERT {c['num_hidden_layers']}x{c['hidden_size']}, regions of "
                            f"{c['img_feature_dim'] - 6} + 6 box values; pre-trained once and cached"])
+    for name, c in OFA_PRESETS.items():
+        rows.append([name, f"OFA captioning / VQA: ResNet {'-'.join(map(str, c['resnet_layers']))} blocks, encoder "
+                           f"{c['encoder_layers']}x{c['d_model']}, decoder {c['decoder_layers']}x{c['d_model']}, "
+                           f"{c['image_resolution']} px; pre-trained once and cached"])
     for name, c in TEXT_PRESETS.items():  # language models (the text default: ptscale/recipes/text-default.yaml)
         rows.append([name, f"LM {c['model_type'].upper()} {c['num_hidden_layers']}x{c['hidden_size']}, "
                            f"{c['num_attention_heads']} query / {c['num_key_value_heads']} KV heads; pre-trained once "

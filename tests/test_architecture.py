@@ -15,7 +15,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("ptscale.errors", 0), ("ptscale.version", 0), ("ptscale.plans", 0), ("ptscale.checkpoint", 0), ("ptscale.dist", 0),
     ("ptscale.models.groups", 0), ("ptscale.models.presets", 0), ("ptscale.models.tokenizer", 0),
     ("ptscale.data.synthetic", 0), ("ptscale.data.collate", 0), ("ptscale.data.blip_collate", 0),
-    ("ptscale.data.vinvl_collate", 0), ("ptscale.data.region_features", 0),
+    ("ptscale.data.vinvl_collate", 0), ("ptscale.data.ofa_collate", 0), ("ptscale.data.region_features", 0),
     ("ptscale.data.bad_data", 0), ("ptscale.data.images", 0), ("ptscale.eval.captioning", 0), ("ptscale.eval.vqa", 0),
     ("ptscale.data.text_collate", 0), ("ptscale.models.families", 0), ("ptscale.data.synthetic_text", 0),
     ("ptscale.analysis.effective_rank", 0), ("ptscale.prefix.encoder", 0), ("ptscale.prefix.plus", 0),

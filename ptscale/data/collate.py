@@ -56,7 +56,11 @@ def make_collator(model_parts, data_cfg):
     """The collator for a backbone (or its BackboneSource: tokenizer, image processor, query tokens, image
     token id) and a recipe's data section: the one place it is built. A language model (its ``kind``) gets a
     :class:`ptscale.data.text_collate.TextCollator`; BLIP (family ``blip``) ``ptscale.data.blip_collate``'s;
-    VinVL ``ptscale.data.vinvl_collate``'s."""
+    VinVL ``ptscale.data.vinvl_collate``'s; OFA ``ptscale.data.ofa_collate``'s."""
+    if getattr(model_parts, "family", "blip2") == "ofa":
+        from ptscale.data.ofa_collate import ofa_collator
+
+        return ofa_collator(model_parts, data_cfg)
     if getattr(model_parts, "family", "blip2") == "vinvl":
         from ptscale.data.vinvl_collate import vinvl_collator
 

@@ -75,7 +75,7 @@ def default_backbone_dir(cfg: ModelConfig) -> Path:
     # Everything the cached weights depend on: the geometry, the steps, the pre-training recipe and, for the
     # BLIP-2 and BLIP defaults, the synthetic world they are pre-trained on
     spec = {"preset": preset_spec(cfg.preset), "steps": cfg.pretrain_steps, "v": PRETRAIN_VERSION}
-    if preset_family(cfg.preset) in ("blip2", "blip", "vinvl"):
+    if preset_family(cfg.preset) in ("blip2", "blip", "vinvl", "ofa"):
         spec["data"] = DATA_VERSION
     if preset_family(cfg.preset) == "vinvl":  # and on how its region features are made from the scenes
         from ptscale.data.region_features import REGIONS_VERSION
@@ -162,12 +162,14 @@ def ensure_default_backbone(cfg: ModelConfig, *, rank: int = 0, barrier=None) ->
 
 
 def build_default_backbone(cfg: ModelConfig, directory: Path) -> None:
-    from ptscale.models.presets import BLIP_PRESETS, VINVL_PRESETS
+    from ptscale.models.presets import BLIP_PRESETS, OFA_PRESETS, VINVL_PRESETS
 
     if cfg.preset in BLIP_PRESETS:
         from ptscale.models.blip import pretrain_tiny_blip as pretrain
     elif cfg.preset in VINVL_PRESETS:
         from ptscale.models.vinvl import pretrain_tiny_vinvl as pretrain
+    elif cfg.preset in OFA_PRESETS:
+        from ptscale.models.ofa import pretrain_tiny_ofa as pretrain
     else:
         from ptscale.models.pretrain import pretrain_default as pretrain
 
@@ -238,6 +240,10 @@ def model_class(family: str, config=None):
         from ptscale.models.vinvl import VinVLForCaptioning
 
         return VinVLForCaptioning
+    if family == "ofa":
+        from ptscale.models.ofa import OFAModel
+
+        return OFAModel
     kind = FAMILIES[family].kind
     if kind == "vision-language":
         return Blip2ForConditionalGeneration
@@ -249,7 +255,7 @@ def model_class(family: str, config=None):
 def new_model(family: str, config):
     """A family's model from its config, with fresh weights (on the current default device, e.g. meta)."""
     cls = model_class(family, config)
-    return cls(config) if family in ("blip2", "blip", "vinvl") else cls.from_config(config)
+    return cls(config) if family in ("blip2", "blip", "vinvl", "ofa") else cls.from_config(config)
 
 
 def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "none",
@@ -267,6 +273,8 @@ def load_backbone(path: str | Path, dtype: str = "fp32", quantization: str = "no
     family = family or family_of_checkpoint(path) or "blip2"
     if family == "vinvl":
         return _load_vinvl(path, dtype, quantization)
+    if family == "ofa":
+        return _load_ofa(path, dtype, quantization)
 
     cls = model_class(family, AutoConfig.from_pretrained(path) if family == "blip" else None)
     if quant is None:
@@ -294,6 +302,16 @@ def _load_vinvl(path: Path, dtype: str, quantization: str) -> Backbone:
     model = load_vinvl(path, DTYPES[dtype])
     with_token_ids(model.config, tokenizer)
     return Backbone(model, tokenizer, None, path, "vinvl")
+
+
+def _load_ofa(path: Path, dtype: str, quantization: str) -> Backbone:
+    from ptscale.models.ofa import load_image_processor, load_ofa, load_tokenizer
+
+    if quantization != "none":
+        raise ValueError(f"model.quantization={quantization}: not offered for OFA")
+    model = load_ofa(path, DTYPES[dtype])
+    tokenizer = load_tokenizer(path, model.config)
+    return Backbone(model, tokenizer, load_image_processor(path, model.config), path, "ofa")
 
 
 # --- Where the backbone comes from: checked, identified and tokenised before any model is built --------------
@@ -373,11 +391,18 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     """The backbone a recipe names (pre-training the embedded default once if it is not cached), with its
     tokenizer and image processor, without loading its weights. ``build=False`` (a dry run): an embedded default
     that is not cached yet is described by its preset's geometry instead of being pre-trained."""
-    from ptscale.models.presets import BLIP_PRESETS, VINVL_PRESETS, uses_random_weights
+    from ptscale.models.presets import BLIP_PRESETS, OFA_PRESETS, VINVL_PRESETS, uses_random_weights
 
-    if cfg.path is None and cfg.preset in (*BLIP_PRESETS, *VINVL_PRESETS):
+    if cfg.path is None and cfg.preset in (*BLIP_PRESETS, *VINVL_PRESETS, *OFA_PRESETS):
         _check_blip_preset(cfg)
     if not build and not cfg.path and not uses_random_weights(cfg) and not is_complete(default_backbone_dir(cfg)):
+        if cfg.preset in OFA_PRESETS:
+            from ptscale.models.ofa import image_processor, new_tiny_ofa
+
+            with torch.device("meta"):
+                model, tokenizer = new_tiny_ofa(cfg.preset)
+            return BackboneSource(None, model.config, tokenizer, image_processor(model.config.image_resolution), {
+                "source": f"embedded default {cfg.preset} (not pre-trained yet)", "digest": ""}, family="ofa")
         if cfg.preset in VINVL_PRESETS:
             from ptscale.models.vinvl import new_tiny_vinvl
 
@@ -422,6 +447,8 @@ def resolve_source(cfg: ModelConfig, *, rank: int = 0, barrier=None, build: bool
     family = cfg.family or family_of_checkpoint(path) or "blip2"  # set by the recipe's validation; else detected
     if family == "vinvl":
         return _vinvl_source(cfg, path)
+    if family == "ofa":
+        return _ofa_source(cfg, path)
     config = AutoConfig.from_pretrained(path)
     if family_kind(family) != "vision-language":
         return _language_model_source(cfg, path, config, family)
@@ -480,6 +507,24 @@ def _vinvl_source(cfg: ModelConfig, path: Path) -> BackboneSource:
                                                           "digest": backbone_digest(path)}, family="vinvl")
 
 
+def _ofa_source(cfg: ModelConfig, path: Path) -> BackboneSource:
+    """An OFA directory: its config, BPE tokenizer with codes and bins, and image transform."""
+    from ptscale.errors import RecipeError
+    from ptscale.models.ofa import load_image_processor, load_tokenizer, read_config
+
+    if cfg.quantization != "none":
+        raise RecipeError(f"model.quantization={cfg.quantization}: not offered for OFA; set model.quantization: none")
+    try:
+        config = read_config(path)
+        config.check_supported()
+        tokenizer = load_tokenizer(path, config)
+    except (OSError, ValueError, TypeError) as e:
+        raise RecipeError(f"model.path {path}: {str(e).splitlines()[0]}") from None
+    source = str(path) if cfg.path else f"embedded default {path.name}"
+    return BackboneSource(path, config, tokenizer, load_image_processor(path, config),
+                          {"source": source, "path": str(path), "digest": backbone_digest(path)}, family="ofa")
+
+
 def _untrained_blip(preset: str) -> tuple[object, object, object]:
     """The tiny BLIP default on the meta device (its config), tokenizer and image processor: a dry run's
     description of a default that is not pre-trained yet."""
@@ -491,11 +536,12 @@ def _untrained_blip(preset: str) -> tuple[object, object, object]:
 
 
 def _check_blip_preset(cfg: ModelConfig) -> None:
-    """A BLIP or VinVL preset is the embedded default only: pre-trained (no random-weights build), unquantised."""
+    """A BLIP, VinVL or OFA preset is the embedded default only: pre-trained (no random-weights build),
+    unquantised."""
     from ptscale.errors import RecipeError
-    from ptscale.models.presets import VINVL_PRESETS
+    from ptscale.models.presets import OFA_PRESETS, VINVL_PRESETS
 
-    name = "VinVL" if cfg.preset in VINVL_PRESETS else "BLIP"
+    name = "VinVL" if cfg.preset in VINVL_PRESETS else "OFA" if cfg.preset in OFA_PRESETS else "BLIP"
     if cfg.pretrain_steps == 0:
         raise RecipeError(f"model.pretrain_steps: 0 (random weights) is not offered for the {name} preset "
                           f"{cfg.preset}; use pretrain_steps > 0, or model.path for a {name} checkpoint")

@@ -17,7 +17,7 @@ The model, top to bottom:
   ``token_bucket_size / 2``, then logarithmic to 1024) over text, 2-D (row, column) offsets over the image
   grid. Queries are scaled by ``(head_dim * 2) ** -0.5``; NormFormer's per-head scale ``c_attn`` multiplies each
   head's output, and NormFormer's extra layer norms follow the attention and the FFN's activation.
-* **Decoder.** Word embedding + absolute position embedding (the released port always adds it), causal
+* **Decoder.** Word embedding (positions enter through the attention biases only, as in the encoder), causal
   self-attention with the absolute (``self_pos_*``) and 1-D relative bias, cross-attention with the absolute
   bias between decoder and encoder positions (``cross_pos_*``), output projection tied to the embeddings.
   Positions come from the self-attention cache's length: the cache holds sequence keys only (a prefix never
@@ -45,6 +45,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ NUM_CODES, NUM_BINS = 8192, 1000  # the released vocabulary: BART BPE (50,265) +
 RESNET_LAYERS = {"resnet18": (2, 2, 2), "resnet34": (3, 4, 6), "resnet50": (3, 4, 6), "resnet101": (3, 4, 23),
                  "resnet152": (3, 8, 36)}
 TOKEN_MAX_DISTANCE = 1024  # the relative-position buckets grow logarithmically up to this distance (OFA's constant)
-# OFA's instruction prompts (the paper's fine-tuning tasks)
-CAPTION_PROMPT = " what does the image describe?"
 
 
 # --- configuration ----------------------------------------------------------------------------------------------
@@ -105,6 +104,7 @@ class OFAConfig(PretrainedConfig):
         self.num_codes, self.num_bins, self.image_resolution = num_codes, num_bins, image_resolution
         self.num_hidden_layers = encoder_layers
         kwargs.pop("decoder_start_token_id", None)  # OFA starts decoding from BOS
+        kwargs.setdefault("tie_word_embeddings", share_decoder_input_output_embed)  # what transformers ties on save
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          decoder_start_token_id=bos_token_id, is_encoder_decoder=is_encoder_decoder, **kwargs)
 
@@ -120,13 +120,16 @@ class OFAConfig(PretrainedConfig):
         unsupported = {k: getattr(self, k) for k in ("encoder_layerdrop", "decoder_layerdrop", "encoder_drop_path_rate",
                                                      "decoder_drop_path_rate", "resnet_drop_path_rate")
                        if getattr(self, k)}
-        if self.entangle_position_embedding:
-            unsupported["entangle_position_embedding"] = True
         if self.d_model % self.encoder_attention_heads or self.d_model % self.decoder_attention_heads:
             raise ValueError(f"OFA config: d_model {self.d_model} is not divisible by the attention heads")
+        cells = -(-self.image_resolution // 16)  # the ResNet's stride
+        if cells > self.image_bucket_size:
+            raise ValueError(f"OFA config: image_resolution {self.image_resolution} px gives {cells} x {cells} image "
+                             f"cells, more than image_bucket_size {self.image_bucket_size}; set image_resolution "
+                             f"<= {16 * self.image_bucket_size} in config.json (a released config names none: 480)")
         if unsupported:
-            raise ValueError(f"OFA config: {unsupported} is not supported by ptscale's OFA (layer drop, drop path "
-                             "and entangled positions are 0 / false in OFA's captioning and VQA fine-tuning)")
+            raise ValueError(f"OFA config: {unsupported} is not supported by ptscale's OFA (layer drop and drop path "
+                             "are 0 in OFA's captioning and VQA fine-tuning)")
 
 
 # --- the image embedding: OFA's ResNet ----------------------------------------------------------------------------
@@ -158,12 +161,13 @@ class OFAResNet(nn.Module):
     """Stem (7x7 conv, stride 2, max-pool) and three bottleneck stages (64, 128, 256 planes; strides 1, 2, 2):
     1024 channels at 1/16 of the image side.
 
-    BatchNorm always uses its running statistics: OFA fine-tunes with a frozen ResNet normalisation
-    (``--freeze-resnet``), and a stage that freezes the tower must leave all of it, statistics included, as it
-    was."""
+    BatchNorm uses its running statistics (``freeze_bn``, the default): OFA fine-tunes with a frozen ResNet
+    normalisation (``--freeze-resnet``), and a stage that freezes the tower must leave all of it, statistics
+    included, as it was. Only the embedded default's pre-training from scratch lets them learn."""
 
     def __init__(self, layers: tuple[int, ...]) -> None:
         super().__init__()
+        self.freeze_bn = True
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -175,9 +179,10 @@ class OFAResNet(nn.Module):
 
     def train(self, mode: bool = True) -> OFAResNet:
         super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +288,7 @@ def _norm(dim: int, on: bool) -> nn.LayerNorm | None:
     return nn.LayerNorm(dim) if on else None
 
 
-class OFAEncoderLayer(nn.Module):
+class OFAEncoderLayer(GradientCheckpointingLayer):
     """Pre-norm self-attention and FFN with NormFormer's extra norms (after the attention, after the activation)."""
 
     def __init__(self, config: OFAConfig, layer_idx: int) -> None:
@@ -373,6 +378,7 @@ class OFAPositions(nn.Module):
         self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
         self.pos_scaling = (d / heads * config.attn_scale_factor) ** -0.5
         self.token_bucket_size, self.image_bucket_size = config.token_bucket_size, config.image_bucket_size
+        self.entangle_position_embedding = config.entangle_position_embedding
         image_tables = (2 * config.image_bucket_size - 1) ** 2 + 3
         self.token_rel_pos_table_list = nn.ModuleList(
             nn.Embedding(2 * config.token_bucket_size - 1, heads) for _ in range(layers))
@@ -410,10 +416,13 @@ class OFAEncoder(OFAPositions):
         self.layer_norm = _norm(d, config.encoder_normalize_before)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _embed(self, x: torch.Tensor, token_type: int, norm: nn.LayerNorm | None) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor, token_type: int, norm: nn.LayerNorm | None,
+               position: torch.Tensor) -> torch.Tensor:
         x = x * self.embed_scale
-        if self.type_embedding is not None:
-            x = x + self.type_embedding.weight[token_type]
+        if self.entangle_position_embedding:
+            x = x + position
+        if self.type_embedding is not None:  # a module call (ZeRO-3 gathers the table), not a weight index
+            x = x + self.type_embedding(torch.full(x.shape[:2], token_type, dtype=torch.long, device=x.device))
         return self.dropout(norm(x) if norm is not None else x)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -424,16 +433,20 @@ class OFAEncoder(OFAPositions):
         ``patch_masks`` (B,): False for a row without an image (its image cells are padding)."""
         b, length = input_ids.shape
         pad = input_ids.eq(self.padding_idx) if attention_mask is None else attention_mask == 0
-        x = self._embed(self.embed_tokens(input_ids), 0, self.layernorm_embedding)
         text_pos = self.embed_positions(torch.arange(length, device=input_ids.device))
+        x = self._embed(self.embed_tokens(input_ids), 0, self.layernorm_embedding, text_pos)
         pos = self.pos_ln(text_pos)[None].expand(b, -1, -1)
         cells, grid = 0, None
         if pixel_values is not None:
             feats = self.embed_images(pixel_values)
             grid = feats.shape[-2:]
+            if max(grid) > self.image_bucket_size:  # the position tables cover a bucket_size x bucket_size grid
+                raise ValueError(f"OFA: {pixel_values.shape[-2]} x {pixel_values.shape[-1]} px images give "
+                                 f"{grid[0]} x {grid[1]} cells, more than image_bucket_size {self.image_bucket_size}")
             cells = grid[0] * grid[1]
-            image = self._embed(self.image_proj(feats.flatten(2).transpose(1, 2)), 1, self.patch_layernorm_embedding)
             image_pos = self.embed_image_positions(image_position_ids(*grid, self.image_bucket_size, x.device))
+            image = self._embed(self.image_proj(feats.flatten(2).transpose(1, 2)), 1, self.patch_layernorm_embedding,
+                                image_pos)
             image_pad = torch.zeros(b, cells, dtype=torch.bool, device=x.device)
             if patch_masks is not None:
                 image_pad |= ~patch_masks.to(torch.bool).view(-1, 1)
@@ -491,7 +504,11 @@ class OFADecoder(OFAPositions):
         new = torch.arange(past, past + length, device=device)
         seen = torch.arange(past + length, device=device)
         all_pos = self.embed_positions(seen)
-        x = self.embed_tokens(input_ids) * self.embed_scale + all_pos[past:]  # the released port always adds it
+        x = self.embed_tokens(input_ids) * self.embed_scale
+        # positions reach the decoder through its attention biases; OFA adds them to the input too only with
+        # entangle_position_embedding (off in the released models: fairseq's --disable-entangle in every script)
+        if self.entangle_position_embedding:
+            x = x + all_pos[past:]
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = self.dropout(x)
@@ -521,11 +538,17 @@ class OFAPreTrainedModel(PreTrainedModel):
     config_class = OFAConfig
     base_model_prefix = "ofa"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True  # the layers are GradientCheckpointingLayers
     _no_split_modules = ["OFAEncoderLayer", "OFADecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, nn.Conv2d):  # the ResNet's initialisation (He et al.; torchvision's, OFA's)
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -584,7 +607,8 @@ class OFAModel(OFAPreTrainedModel, GenerationMixin):
                                           past_key_values if use_cache else None, output_hidden_states)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 logits: fp32 loss
+            loss = F.cross_entropy(wide.reshape(-1, wide.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return Seq2SeqLMOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
                                decoder_hidden_states=dec_states,
                                encoder_last_hidden_state=encoder_outputs.last_hidden_state,
@@ -621,7 +645,7 @@ def load_tokenizer(path: str | Path, config: OFAConfig):
     """OFA's tokenizer from a directory: BART's byte-level BPE (``vocab.json`` + ``merges.txt``), then the
     config's ``<code_i>`` and ``<bin_i>`` tokens in that order (OFA's ids). A directory ``save_pretrained`` wrote
     (``tokenizer.json``) already holds them. Its size must be the model's vocabulary."""
-    from transformers import AutoTokenizer, BartTokenizerFast
+    from transformers import AutoTokenizer, BartTokenizer
 
     path = Path(path)
     if (path / "tokenizer.json").is_file():
@@ -630,7 +654,7 @@ def load_tokenizer(path: str | Path, config: OFAConfig):
         missing = [f for f in ("vocab.json", "merges.txt") if not (path / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path}: no {' or '.join(missing)} (OFA's BPE vocabulary)")
-        tokenizer = BartTokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+        tokenizer = BartTokenizer.from_pretrained(path)  # reads vocab.json + merges.txt
         tokenizer.add_tokens(code_tokens(config.num_codes) + bin_tokens(config.num_bins))
     if len(tokenizer) != config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {len(tokenizer)} tokens (BPE + {config.num_codes} codes + "
@@ -646,6 +670,18 @@ def image_processor(resolution: int):
 
     return BlipImageProcessorPil(size={"height": resolution, "width": resolution}, image_mean=[0.5] * 3,
                                  image_std=[0.5] * 3, resample=PILImageResampling.BICUBIC)
+
+
+def load_image_processor(path: str | Path, config: OFAConfig):
+    """The directory's ``preprocessor_config.json`` (ptscale saves one), else OFA's transform at the config's
+    ``image_resolution`` (the released folders carry none), said once in the log."""
+    from transformers import AutoImageProcessor
+
+    if (Path(path) / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(path)
+    log.warning("%s has no preprocessor_config.json: using OFA's image transform at %d px (config "
+                "image_resolution; OFA's captioning and VQA fine-tuning use 480)", path, config.image_resolution)
+    return image_processor(config.image_resolution)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------------
@@ -681,7 +717,9 @@ def load_ofa(path: str | Path, dtype: torch.dtype = torch.float32) -> OFAModel:
     model = OFAModel(read_config(path))
     state = {k: v for k, v in load_state(path).items() if not k.startswith(UNUSED_KEYS)}
     expected = set(model.state_dict())
-    missing = sorted(expected - set(state) - set(OFAModel._tied_weights_keys))
+    tied = set(OFAModel._tied_weights_keys) if model.config.share_decoder_input_output_embed else {
+        "decoder.embed_tokens.weight"}  # an untied output projection is a weight of its own: it must be there
+    missing = sorted(expected - set(state) - tied)
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{path}: not an OFA checkpoint in the released key layout: missing "
@@ -690,3 +728,68 @@ def load_ofa(path: str | Path, dtype: torch.dtype = torch.float32) -> OFAModel:
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     return model.to(dtype).eval()
+
+
+# --- the embedded default: tiny-ofa, pre-trained once and cached -----------------------------------------------------
+SEED = 20240601
+BATCH = 32
+LR = 2e-3
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's special tokens: <s> 0, <pad> 1, </s> 2, <unk> 3
+
+
+def tiny_bpe(directory: Path, vocab_size: int) -> None:
+    """A byte-level BPE (BART's kind) trained on the synthetic world's words, written as ``vocab.json`` +
+    ``merges.txt``: the embedded default's vocabulary, in the released layout."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from ptscale.data.synthetic import vocabulary
+
+    bpe = ByteLevelBPETokenizer()
+    words = vocabulary()
+    bpe.train_from_iterator([" ".join(words)] + [f" {w}" for w in words], vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=SPECIALS, show_progress=False)
+    bpe.save_model(str(directory))
+
+
+def new_tiny_ofa(preset: str, seed: int = SEED):
+    """The preset's OFAModel (fresh weights) and its tokenizer: the tiny BPE + the preset's codes and bins."""
+    import tempfile
+
+    from ptscale.models.presets import OFA_PRESETS
+
+    if preset not in OFA_PRESETS:
+        raise ValueError(f"model.preset: unknown OFA preset {preset!r}; known: {', '.join(OFA_PRESETS)}")
+    spec = dict(OFA_PRESETS[preset])
+    bpe_size = spec.pop("bpe_vocab_size")
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_bpe(Path(tmp), bpe_size)
+        bpe_tokens = len(json.loads((Path(tmp) / "vocab.json").read_text()))
+        config = OFAConfig(**spec, vocab_size=bpe_tokens + spec["num_codes"] + spec["num_bins"])
+        tokenizer = load_tokenizer(tmp, config)
+    config.architectures = ["OFAModel"]
+    torch.manual_seed(seed)
+    return OFAModel(config), tokenizer
+
+
+def pretrain_tiny_ofa(preset: str, steps: int):
+    """All parameters train on the broad synthetic captions and questions (each with its own instruction), as the
+    other embedded defaults are pre-trained (plain PyTorch, one process)."""
+    from ptscale.data.ofa_collate import OFACollator
+    from ptscale.data.synthetic import pretraining_mixture
+    from ptscale.models.pretrain import MAX_TEXT_LEN, SIZE
+    from ptscale.models.pretrain_loop import pretrain_steps
+
+    model, tokenizer = new_tiny_ofa(preset)
+    model.encoder.embed_images.freeze_bn = False  # from scratch: the BatchNorm statistics learn here, once
+    processor = image_processor(model.config.image_resolution)
+    collate = OFACollator(processor, tokenizer, max_text_len=MAX_TEXT_LEN)
+    records = collate.preprocess(pretraining_mixture(SIZE, SEED))
+
+    def next_batch(rng):
+        batch = collate.train_batch([records[i] for i in rng.sample(range(len(records)), BATCH)])
+        batch.pop("image_keys")
+        return batch
+
+    pretrain_steps(model, next_batch, steps, LR, SEED, "pre-training OFA backbone")
+    model.encoder.embed_images.freeze_bn = True
+    return model.eval(), tokenizer, processor

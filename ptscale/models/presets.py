@@ -71,6 +71,18 @@ VINVL_PRESETS: dict[str, dict] = {
 }
 
 
+# OFA (ptscale.models.ofa): the tiny default, pre-trained once and cached like the others. OFAConfig keys, plus
+# the size of its byte-level BPE (trained on the synthetic words); codes and bins follow it, as in OFA's vocabulary.
+# 48 px images: the ResNet's stride 16 gives 3 x 3 cells, one per cell of the synthetic scenes' grid.
+OFA_PRESETS: dict[str, dict] = {
+    "tiny-ofa": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+                 "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+                 "resnet_layers": [1, 1, 1], "image_resolution": 48, "max_position_embeddings": 128,
+                 "token_bucket_size": 32, "image_bucket_size": 8, "dropout": 0.0, "num_codes": 64, "num_bins": 32,
+                 "bpe_vocab_size": 600},
+}
+
+
 # Language-model presets (LlamaConfig keys; the vocabulary and special tokens come from the tokenizer).
 # tiny-llama-text is the text embedded default: grouped-query attention (4 query heads, 2 KV heads) and RoPE.
 TEXT_PRESETS: dict[str, dict] = {
@@ -81,10 +93,10 @@ TEXT_PRESETS: dict[str, dict] = {
 
 # Presets with an embedded pre-training recipe (ptscale.models.pretrain, ptscale.models.blip): without model.path
 # they are pre-trained once and cached. The others are geometries: random weights without a checkpoint.
-PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text", *BLIP_PRESETS, *VINVL_PRESETS)
+PRETRAINABLE: tuple[str, ...] = ("tiny-blip2-opt", "tiny-llama-text", *BLIP_PRESETS, *VINVL_PRESETS, *OFA_PRESETS)
 
 
-ALL_PRESETS: tuple[str, ...] = (*PRESETS, *BLIP_PRESETS, *VINVL_PRESETS, *TEXT_PRESETS)
+ALL_PRESETS: tuple[str, ...] = (*PRESETS, *BLIP_PRESETS, *VINVL_PRESETS, *OFA_PRESETS, *TEXT_PRESETS)
 
 
 def check_preset(preset: str, where: str) -> None:
@@ -96,9 +108,9 @@ def check_preset(preset: str, where: str) -> None:
 
 
 def preset_spec(preset: str) -> dict:
-    """A preset's geometry: BLIP-2, BLIP, VinVL or language model."""
+    """A preset's geometry: BLIP-2, BLIP, VinVL, OFA or language model."""
     check_preset(preset, "model.preset")
-    return {**PRESETS, **BLIP_PRESETS, **VINVL_PRESETS, **TEXT_PRESETS}[preset]
+    return {**PRESETS, **BLIP_PRESETS, **VINVL_PRESETS, **OFA_PRESETS, **TEXT_PRESETS}[preset]
 
 
 def preset_family(preset: str) -> str:
@@ -107,6 +119,8 @@ def preset_family(preset: str) -> str:
         return TEXT_PRESETS[preset]["model_type"]
     if preset in VINVL_PRESETS:
         return "vinvl"
+    if preset in OFA_PRESETS:
+        return "ofa"
     return "blip" if preset in BLIP_PRESETS else "blip2"
 
 

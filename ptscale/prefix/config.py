@@ -15,7 +15,7 @@ class PrefixConfig:
     lengths: dict[str, int] = documented(help=(
         "prefix length per target module; 0 or absent = no prefix there (BLIP-2 captioning: 8 / 8, paper table "
         "8). Targets: qformer, vision, language_model (every LM self-attention), and for encoder-decoder LMs (T5) "
-        "encoder / decoder separately; VinVL: bert (its BERT self-attention)"),
+        "encoder / decoder separately (also OFA's); VinVL: bert (its BERT self-attention)"),
         factory=lambda: {"qformer": 8, "language_model": 8})
     kind: Literal["classic", "plus"] = documented("classic", (
         "classic: prefix keys/values inside the softmax (Li & Liang); plus: Prefix-Tuning+ (a gated "

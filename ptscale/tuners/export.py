@@ -300,7 +300,7 @@ def _write_folded_prefixes(model: PrefixTunedModel, out: Path) -> dict[str, str]
 
 
 def _import_line(base: torch.nn.Module) -> str:
-    """Where the base's class comes from, when it is not transformers' own (VinVL is ptscale's)."""
+    """Where the base's class comes from, when it is not transformers' own (VinVL and OFA are ptscale's)."""
     module = type(base).__module__
     return "" if module.startswith("transformers.") else f"from {module} import {type(base).__name__}; "
 

@@ -24,7 +24,7 @@ from ptscale.models.ofa import (
 )
 from ptscale.prefix.model import PrefixTunedModel
 from tests.prefix.families import prefixed
-from tests.prefix.ofa_families import BOS, EOS, PAD, build_ofa, ofa_batch, ofa_config, prompt
+from tests.prefix.ofa_families import BOS, EOS, IMAGE, PAD, build_ofa, ofa_batch, ofa_config, prompt
 
 # --- position buckets ------------------------------------------------------------------------------------------------
 
@@ -175,15 +175,20 @@ def test_incremental_decoder_equals_the_full_forward():
 def test_the_decoder_input_embedding_carries_no_position():
     """OFA's decoder embeds a token as layernorm_embedding(embed_scale * embed_tokens(token)): positions enter through
     the attention's position bias only. OFA-Sys' transformers port adds the absolute position embedding only under
-    ``entangle_position_embedding`` (false in the released configs; ptscale refuses true), and its fairseq code only
-    without ``--disable-entangle``, which every OFA pre-training, captioning and VQA training script passes."""
-    model = build_ofa()
+    ``entangle_position_embedding`` (false in the released configs), and its fairseq code only without
+    ``--disable-entangle``, which every OFA pre-training, captioning and VQA training script passes. With
+    ``entangle_position_embedding`` the absolute position embedding is added before the layer norm."""
     batch = ofa_batch()
     dec = batch["decoder_input_ids"]
-    with torch.no_grad():
-        states = model(**prompt(batch), decoder_input_ids=dec, output_hidden_states=True).decoder_hidden_states
-        want = model.decoder.layernorm_embedding(model.decoder.embed_tokens(dec) * model.decoder.embed_scale)
-    torch.testing.assert_close(states[0], want, rtol=1e-12, atol=1e-12)
+    for entangle in (False, True):
+        model = build_ofa(entangle_position_embedding=entangle)
+        with torch.no_grad():
+            states = model(**prompt(batch), decoder_input_ids=dec, output_hidden_states=True).decoder_hidden_states
+            x = model.decoder.embed_tokens(dec) * model.decoder.embed_scale
+            if entangle:
+                x = x + model.decoder.embed_positions(torch.arange(dec.shape[1]))
+            want = model.decoder.layernorm_embedding(x)
+        torch.testing.assert_close(states[0], want, rtol=1e-12, atol=1e-12)
 
 
 def test_labels_give_teacher_forcing_and_a_loss():
@@ -243,7 +248,7 @@ def _released_config(vocab_size: int, **over) -> dict:
            "resnet_model_path": None, "resnet_type": "resnet50", "scale_embedding": False,
            "share_decoder_input_output_embed": True, "token_bucket_size": 16, "torch_dtype": "float32",
            "transformers_version": "4.18.0.dev0", "use_cache": False, "vocab_size": vocab_size,
-           "resnet_layers": [1, 1, 1], "num_codes": NUM_CODES, "num_bins": NUM_BINS}
+           "resnet_layers": [1, 1, 1], "num_codes": NUM_CODES, "num_bins": NUM_BINS, "image_resolution": IMAGE}
     cfg.update(over)
     return cfg
 
@@ -461,6 +466,4 @@ def test_unsupported_settings_are_refused():
     for key in ("encoder_layerdrop", "decoder_drop_path_rate", "resnet_drop_path_rate"):
         with pytest.raises(ValueError, match=key):
             build_ofa(**{key: 0.1})
-    with pytest.raises(ValueError, match="entangle_position_embedding"):
-        build_ofa(entangle_position_embedding=True)
     assert ofa_config().stages() == (1, 1, 1)

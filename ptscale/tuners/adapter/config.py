@@ -19,7 +19,7 @@ class AdapterConfig:
         "output; parallel: He et al. 2022, FFN(x) + s*A(x) beside each FFN")})
     components: list[Component] = field(default_factory=lambda: ["qformer"], metadata={
         "help": "components whose layers get adapters (BLIP-2: vision, qformer, language_model; BLIP: vision, "
-                "text_encoder, text_decoder; VinVL: bert)"})
+                "text_encoder, text_decoder; VinVL: bert; OFA: language_model)"})
     bottleneck: int | None = field(default=None, metadata={
         "help": "bottleneck width; give this or budget, not both"})
     budget: int | None = field(default=None, metadata={

@@ -84,11 +84,14 @@ def _layers(backbone: nn.Module, component: str) -> list[tuple[str, nn.Module]]:
     """The component's transformer layers: the modules that hold all three sites (found by structure, so
     ``language_model.model.decoder.layers`` and ``language_model.decoder.layers`` both work)."""
     root_name, sites = COMPONENT_SITES[component]
+    if component == "language_model" and not hasattr(backbone, root_name):
+        root_name = ""  # OFA: the whole encoder-decoder is its language model (layers with the same sites)
     root = backbone.get_submodule(root_name)
     paths = (sites.attn_out, sites.ffn_in, sites.ffn_out)
-    found = [(f"{root_name}.{n}", m) for n, m in root.named_modules() if n and all(_has(m, p) for p in paths)]
+    found = [(f"{root_name}.{n}".lstrip("."), m) for n, m in root.named_modules()
+             if n and all(_has(m, p) for p in paths)]
     if not found:
-        raise ValueError(f"adapter.components: no layer of {root_name} ({type(root).__name__}) has "
+        raise ValueError(f"adapter.components: no layer of {root_name or 'the model'} ({type(root).__name__}) has "
                          f"{', '.join(paths)}; this architecture is not supported")
     return found
 

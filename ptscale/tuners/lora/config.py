@@ -12,7 +12,8 @@ from ptscale.plans import documented
 @dataclass
 class LoraConfig:
     targets: dict[str, list[str]] = documented(help=(
-        "modules per component (vision, qformer, language_model; BLIP: text_encoder, text_decoder; VinVL: bert) "
+        "modules per component (vision, qformer, language_model; BLIP: text_encoder, text_decoder; VinVL: bert; "
+        "OFA: language_model) "
         "that get LoRA; names match module-path suffixes "
         "on a dot boundary, so 'query' alone would also take the cross-attention (`ptscale ls targets` lists "
         "them). Default: q, k, v of the self-attention of the Q-Former and of the language model (paper B.4: 'all "
