@@ -247,7 +247,7 @@ def show_targets(preset: str | None, path: str | None) -> str:
     from ptscale.models.families import FAMILIES
 
     family = _family(preset, path)
-    defaults = family.lora_targets if family.is_language_model else LoraConfig().targets
+    defaults = family.lora_targets or LoraConfig().targets  # a family's own (BLIP, VinVL, OFA, LMs), else BLIP-2's
     lines = [f"LoRA targets (lora.targets.<component>: [names]) of {path or preset or DEFAULT_PRESET}; a name "
              "matches module paths ending in it, * = default:"]
     for component, found in lora_targets(meta_model(preset, path)).items():

@@ -8,11 +8,18 @@ the captioning and VQA fine-tuning tasks):
   (the synthetic world's) or ``data.prompt`` or OFA's " what does the image describe?";
 * decoder: ``<s> target`` (teacher forcing), labels ``target </s>``; BPE text starts with a space, as in OFA.
 
+Texts are normalised as OFA's data is: questions lower-cased, ending in ``?``; caption targets lower-cased without
+punctuation (``ofa_question``, ``ofa_caption``). OFA's released VQA fine-tuning reads the question in the decoder
+too (``prompt_type=prev_output``) and picks answers from a candidate list; here the answer is generated from
+``<s>`` (its ``prompt_type=none``, the pre-training framing) and scored with the official accuracy.
+
 ``generate`` starts from ``<s>`` and returns it first.
 """
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +28,20 @@ from ptscale.data.images import ImageRecords
 from ptscale.data.text_collate import IGNORE, pad_rows
 
 CAPTION_PROMPT = " what does the image describe?"  # OFA's captioning instruction
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def ofa_question(question: str) -> str:
+    """A question as OFA's VQA data has it: lower case, leading punctuation stripped, ``-`` and ``/`` as spaces, one
+    space between words, ending in ``?``."""
+    text = question.strip().lower().lstrip(",.!?*#:;~").replace("-", " ").replace("/", " ")
+    text = re.sub(r"\s{2,}", " ", text).strip()
+    return text if text.endswith("?") else text + "?"
+
+
+def ofa_caption(caption: str) -> str:
+    """A caption target as OFA's captioning data has it: lower case, no punctuation, one space between words."""
+    return " ".join(caption.lower().translate(_PUNCTUATION).split())
 
 
 @dataclass
@@ -37,7 +58,8 @@ class OFACollator(ImageRecords):
 
     def instruction(self, record: dict) -> str:
         if "question" in record:
-            return self.prompt.format(record["question"]) if self.prompt else record["question"]
+            question = ofa_question(record["question"])
+            return self.prompt.format(question) if self.prompt else question
         return record.get("prompt") or self.prompt or CAPTION_PROMPT
 
     def _source(self, record: dict) -> list[int]:
@@ -51,7 +73,8 @@ class OFACollator(ImageRecords):
     def train_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
         """Right-padded; labels -100 on padding."""
         tok = self.tokenizer
-        targets = [self._text(r["target"])[: self.max_text_len] for r in records]
+        targets = [self._text(r["target"] if "question" in r else ofa_caption(r["target"]))[: self.max_text_len]
+                   for r in records]
         decoder_ids, decoder_mask = pad_rows([[tok.bos_token_id] + t for t in targets], tok.pad_token_id)
         labels, _ = pad_rows([t + [tok.eos_token_id] for t in targets], IGNORE)
         return {**self._encoder(records), "decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ptscale.data.ofa_collate import CAPTION_PROMPT, OFACollator
+from ptscale.data.ofa_collate import CAPTION_PROMPT, OFACollator, ofa_caption, ofa_question
 from ptscale.data.synthetic import make_split
 from ptscale.data.text_collate import IGNORE
 from ptscale.models.ofa import image_processor, new_tiny_ofa
@@ -53,9 +53,17 @@ def test_vqa_batch_and_generation(parts):
     batch = collate.train_batch(records)
     for i, r in enumerate(records):
         source = batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
-        assert tok.decode(source[1:-1]) == " " + r["question"]
+        assert tok.decode(source[1:-1]) == " " + ofa_question(r["question"])
     gen = collate.generation_batch(records)
     assert set(gen) == {"pixel_values", "input_ids", "attention_mask"}
     assert (gen["input_ids"] == batch["input_ids"]).all()
     ids = gen["input_ids"][:, :3]
     assert (collate.generated(ids, gen) == ids[:, 1:]).all()  # generate's output starts with <s>
+
+
+def test_texts_are_normalised_as_ofas_data_is():
+    assert ofa_question("What color is the dog-house/shed") == "what color is the dog house shed?"
+    assert ofa_question(" ...How  many?") == "how many?"
+    assert ofa_caption("A man, riding a Bike.") == "a man riding a bike"
+    collate = OFACollator(None, None)
+    assert collate.instruction({"question": "Is it RED"}) == "is it red?"

@@ -117,9 +117,11 @@ def _prefixed_ofa():
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-@pytest.mark.parametrize("which", ["base", "prefixed"])
+@pytest.mark.parametrize("which", ["base", "prefixed", "entangled"])
 def test_cached_and_uncached_decoding_give_the_same_tokens(which, beams):
-    model = build_ofa() if which == "base" else _prefixed_ofa()
+    """"entangled": positions added to the decoder's input too, from the cache length when decoding with it."""
+    model = {"base": build_ofa, "prefixed": _prefixed_ofa,
+             "entangled": lambda: build_ofa(entangle_position_embedding=True)}[which]()
     batch = ofa_batch()
     steps = 6
     run = dict(max_new_tokens=steps, min_new_tokens=steps, num_beams=beams, do_sample=False,
@@ -435,9 +437,9 @@ def test_every_parameter_has_its_group(shared):
     assert ("base.decoder.output_projection.weight" in groups) is not shared
 
 
-def test_resnet_batchnorm_statistics_never_move():
-    """OFA fine-tunes with its ResNet's normalisation frozen: train() forward and backward passes use and keep the
-    running statistics."""
+def test_resnet_batchnorm_statistics_train_only_with_the_tower():
+    """A stage that freezes the ResNet (prefix, LoRA, adapters) keeps its BatchNorm statistics and uses them in
+    train() mode; a stage that trains it (full fine-tuning, as OFA's captioning and VQA scripts do) trains them."""
     model = build_ofa()
     resnet = model.encoder.embed_images
     assert isinstance(resnet, OFAResNet)
@@ -450,16 +452,22 @@ def test_resnet_batchnorm_statistics_never_move():
     before = {k: v.clone() for k, v in resnet.state_dict().items()}
     with torch.no_grad():
         features = resnet(batch["pixel_values"])
-    wrapped = PrefixTunedModel(model, PrefixConfig(lengths={"language_model": 2}), freeze_base=False)
+    wrapped = PrefixTunedModel(model, PrefixConfig(lengths={"language_model": 2}))  # the base frozen
     wrapped.train()
     assert model.training and resnet.training
     assert all(not m.training for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d))
     for _ in range(2):
         wrapped(**batch).loss.backward()
     assert all(torch.equal(v, before[k]) for k, v in resnet.state_dict().items())
-    assert resnet.bn1.weight.grad is not None  # the ResNet itself does train when asked
     with torch.no_grad():
         assert torch.equal(resnet(batch["pixel_values"]), features)  # train mode computes what eval mode does
+    for p in resnet.parameters():  # the tower trains: so do its statistics
+        p.requires_grad_(True)
+    wrapped.train()
+    assert all(m.training for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    wrapped(**batch).loss.backward()
+    assert resnet.bn1.weight.grad is not None
+    assert not torch.equal(resnet.bn1.running_mean, before["bn1.running_mean"])
 
 
 def test_unsupported_settings_are_refused():

@@ -92,6 +92,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-14)
 
 
+def test_ls_targets_marks_the_family_defaults():
+    from ptscale.listing import show_targets
+
+    out = show_targets("tiny-ofa", None)
+    assert "* self_attn.q_proj" in out and "* self_attn.v_proj" in out and "* cross_attn.q_proj" in out
+    assert "* self_attn.k_proj" not in out and "  self_attn.k_proj" in out
+
+
 def test_run_labels_name_ofa_placements():
     from ptscale.labels import placement
 
