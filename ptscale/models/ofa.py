@@ -631,9 +631,12 @@ class OFAModel(OFAPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, decoder_input_ids: torch.Tensor, past_key_values: Cache | None = None,
                                       encoder_outputs: OFAEncoderOutput | None = None, use_cache: bool | None = None,
                                       **kwargs) -> dict:
-        """The tokens the cache has not seen yet (all of them without a cache) and the encoder's outputs."""
+        """The tokens the cache has not seen yet (all of them without a cache; at least the last one: under
+        ``synced_gpus`` a rank whose sequences have ended keeps running forwards without growing them) and the
+        encoder's outputs."""
         if past_key_values is not None and use_cache:
-            decoder_input_ids = decoder_input_ids[:, past_key_values.self_attention_cache.get_seq_length():]
+            seen = past_key_values.self_attention_cache.get_seq_length()
+            decoder_input_ids = decoder_input_ids[:, min(seen, decoder_input_ids.shape[1] - 1):]
         return {"decoder_input_ids": decoder_input_ids, "encoder_outputs": encoder_outputs,
                 "past_key_values": past_key_values, "use_cache": use_cache}
 

@@ -475,3 +475,21 @@ def test_unsupported_settings_are_refused():
         with pytest.raises(ValueError, match=key):
             build_ofa(**{key: 0.1})
     assert ofa_config().stages() == (1, 1, 1)
+
+
+def test_each_decoding_step_feeds_the_tokens_the_cache_has_not_seen():
+    """And at least the last one: under ``synced_gpus`` (ZeRO-3 generation) a rank whose beams have all ended keeps
+    running forwards without growing its sequences, so its cache has seen every token (a 2-rank run crashed on an
+    empty step before this)."""
+    model = build_ofa()
+    batch = ofa_batch()
+    cache = _new_cache(model)
+    encoder = model.get_encoder()(**prompt(batch))
+    ids = batch["decoder_input_ids"][:, :3]
+    with torch.no_grad():
+        model(decoder_input_ids=ids, encoder_outputs=encoder, past_key_values=cache, use_cache=True)
+    grown = batch["decoder_input_ids"][:, :4]
+    step = model.prepare_inputs_for_generation(grown, past_key_values=cache, encoder_outputs=encoder, use_cache=True)
+    assert torch.equal(step["decoder_input_ids"], grown[:, 3:])  # the one new token
+    step = model.prepare_inputs_for_generation(ids, past_key_values=cache, encoder_outputs=encoder, use_cache=True)
+    assert torch.equal(step["decoder_input_ids"], ids[:, 2:])  # nothing new: the last token again
