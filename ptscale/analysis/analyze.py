@@ -274,8 +274,9 @@ def analyze_runs(request: AnalyzeRequest) -> dict[str, Any] | None:
 
         why = ("VinVL has none of them (its images are region features)" if first_cfg.model.family == "vinvl" else
                "OFA's image tokens are ResNet cells inside one encoder-decoder, not separate towers")
-        raise RecipeError(f"ptscale analyze: {run_dirs[0]} is a {first_cfg.model.family} run; the analysis reads a "
-                          f"vision encoder's, a Q-Former's and a language model's features, and {why}")
+        name = "a VinVL" if first_cfg.model.family == "vinvl" else "an OFA"
+        raise RecipeError(f"ptscale analyze: {run_dirs[0]} is {name} run; the analysis reads a vision encoder's, a "
+                          f"Q-Former's and a language model's features, and {why}")
     ref_subject = (pretrained_subject(first_cfg) if pretrained else
                    run_subject(Path(request.reference), f"reference: {Path(request.reference).name}", "reference"))
     # The first run's data; preprocessed by the reference's image processor, which every model shares

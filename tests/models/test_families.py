@@ -25,7 +25,8 @@ def test_family_is_detected_from_config_json(tmp_path, model_type, family):
 
 
 def test_unsupported_model_type_is_refused_naming_it_and_the_supported_ones(tmp_path):
-    with pytest.raises(RecipeError, match=r"'gpt2' checkpoint.*blip-2 \(blip2\), blip, vinvl, opt, llama, qwen2, t5"):
+    supported = r"blip-2 \(blip2\), blip, vinvl, ofa, opt, llama, qwen2, t5"
+    with pytest.raises(RecipeError, match=rf"'gpt2' checkpoint.*{supported}"):
         resolve_family(None, str(_config_dir(tmp_path, "gpt2")), "blip2")
 
 

@@ -113,7 +113,7 @@ def test_analyze_refuses_an_ofa_run_in_one_line(tmp_path):
     from ptscale.config import dump_recipe
 
     (tmp_path / "recipe.yaml").write_text(dump_recipe(load_recipe(None, ["model.preset=tiny-ofa"])))
-    with pytest.raises(RecipeError, match=r"is a ofa run; the analysis reads .* OFA's image tokens") as err:
+    with pytest.raises(RecipeError, match=r"is an OFA run; the analysis reads .* OFA's image tokens") as err:
         analyze_runs(AnalyzeRequest([tmp_path]))
     assert "\n" not in str(err.value)
 
