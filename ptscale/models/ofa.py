@@ -27,8 +27,8 @@ The model, top to bottom:
 
 Generation is transformers' own (``GenerationMixin``: greedy and beam search) over an ``EncoderDecoderCache``.
 What is not ported: image-code generation (the decoder's ``code_masks`` path: text-to-image), a second image
-(``patch_images_2``), patch sampling, layer drop and drop path at training time (0 in the released fine-tuning
-configs for captioning and VQA; a config asking for them is refused).
+(``patch_images_2``), patch sampling, layer drop and the ResNet's drop path (neither is used by OFA's captioning
+and VQA fine-tuning; a config asking for them is refused). Drop path in the encoder and decoder layers is.
 """
 
 from __future__ import annotations
@@ -117,8 +117,7 @@ class OFAConfig(PretrainedConfig):
 
     def check_supported(self) -> None:
         """What this port does not compute is refused, not ignored."""
-        unsupported = {k: getattr(self, k) for k in ("encoder_layerdrop", "decoder_layerdrop", "encoder_drop_path_rate",
-                                                     "decoder_drop_path_rate", "resnet_drop_path_rate")
+        unsupported = {k: getattr(self, k) for k in ("encoder_layerdrop", "decoder_layerdrop", "resnet_drop_path_rate")
                        if getattr(self, k)}
         if self.d_model % self.encoder_attention_heads or self.d_model % self.decoder_attention_heads:
             raise ValueError(f"OFA config: d_model {self.d_model} is not divisible by the attention heads")
@@ -128,8 +127,9 @@ class OFAConfig(PretrainedConfig):
                              f"cells, more than image_bucket_size {self.image_bucket_size}; set image_resolution "
                              f"<= {16 * self.image_bucket_size} in config.json (a released config names none: 480)")
         if unsupported:
-            raise ValueError(f"OFA config: {unsupported} is not supported by ptscale's OFA (layer drop and drop path "
-                             "are 0 in OFA's captioning and VQA fine-tuning)")
+            raise ValueError(f"OFA config: {unsupported} is not supported by ptscale's OFA (layer drop would have the "
+                             "ranks of a ZeRO-3 run skip different layers; OFA's captioning and VQA fine-tuning use "
+                             "neither); set them to 0")
 
 
 # --- the image embedding: OFA's ResNet ----------------------------------------------------------------------------
@@ -290,11 +290,26 @@ def _norm(dim: int, on: bool) -> nn.LayerNorm | None:
     return nn.LayerNorm(dim) if on else None
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: a residual branch dropped for a whole sample with probability ``p`` (training only)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+def _drop_rate(total: float, layers: int, layer_idx: int) -> float:
+    """OFA's per-layer drop-path rate: 0 for the first layer rising linearly to ``total`` for the last."""
+    return total * layer_idx / max(1, layers - 1)
+
+
 class OFAEncoderLayer(GradientCheckpointingLayer):
-    """Pre-norm self-attention and FFN with NormFormer's extra norms (after the attention, after the activation)."""
+    """Pre-norm self-attention and FFN with NormFormer's extra norms (after the attention, after the activation);
+    drop path on each residual branch (``encoder_drop_path_rate``, OFA's fine-tuning uses 0.1)."""
 
     def __init__(self, config: OFAConfig, layer_idx: int) -> None:
         super().__init__()
+        self.drop_path_rate = _drop_rate(config.encoder_drop_path_rate, config.encoder_layers, layer_idx)
         d = config.d_model
         self.self_attn = OFAAttention(d, config.encoder_attention_heads, config.attention_dropout, layer_idx,
                                       config.attn_scale_factor)
@@ -309,7 +324,7 @@ class OFAEncoderLayer(GradientCheckpointingLayer):
 
     def _sublayer(self, x: torch.Tensor, norm: nn.LayerNorm, body) -> torch.Tensor:
         out = body(norm(x) if self.normalize_before else x)
-        out = x + self.dropout(out)
+        out = x + drop_path(self.dropout(out), self.drop_path_rate, self.training)
         return out if self.normalize_before else norm(out)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
@@ -330,6 +345,7 @@ class OFADecoderLayer(OFAEncoderLayer):
 
     def __init__(self, config: OFAConfig, layer_idx: int) -> None:
         nn.Module.__init__(self)
+        self.drop_path_rate = _drop_rate(config.decoder_drop_path_rate, config.decoder_layers, layer_idx)
         d = config.d_model
         heads = config.decoder_attention_heads
         self.self_attn = OFAAttention(d, heads, config.attention_dropout, layer_idx, config.attn_scale_factor)

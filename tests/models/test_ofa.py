@@ -471,7 +471,7 @@ def test_resnet_batchnorm_statistics_train_only_with_the_tower():
 
 
 def test_unsupported_settings_are_refused():
-    for key in ("encoder_layerdrop", "decoder_drop_path_rate", "resnet_drop_path_rate"):
+    for key in ("encoder_layerdrop", "decoder_layerdrop", "resnet_drop_path_rate"):
         with pytest.raises(ValueError, match=key):
             build_ofa(**{key: 0.1})
     assert ofa_config().stages() == (1, 1, 1)
@@ -493,3 +493,18 @@ def test_each_decoding_step_feeds_the_tokens_the_cache_has_not_seen():
     assert torch.equal(step["decoder_input_ids"], grown[:, 3:])  # the one new token
     step = model.prepare_inputs_for_generation(ids, past_key_values=cache, encoder_outputs=encoder, use_cache=True)
     assert torch.equal(step["decoder_input_ids"], ids[:, 2:])  # nothing new: the last token again
+
+
+def test_drop_path_rises_over_the_layers_and_acts_in_training_only():
+    """OFA's stochastic depth (its fine-tuning scripts use 0.1): layer i of n drops its residual branches with
+    probability rate * i / (n - 1); eval computes what the model without drop path computes."""
+    plain, dropped = build_ofa(), build_ofa(encoder_drop_path_rate=0.5, decoder_drop_path_rate=0.5)
+    assert [layer.drop_path_rate for layer in dropped.encoder.layers] == [0.0, 0.5]
+    assert [layer.drop_path_rate for layer in dropped.decoder.layers] == [0.0, 0.5]
+    batch = ofa_batch()
+    with torch.no_grad():
+        assert torch.equal(dropped(**batch).logits, plain(**batch).logits)  # the same weights (seed), eval
+        dropped.train()
+        torch.manual_seed(0)
+        trained = [dropped(**batch).logits for _ in range(4)]
+    assert any(not torch.equal(t, trained[0]) for t in trained[1:])  # samples' branches dropped at random
