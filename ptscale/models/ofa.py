@@ -10,14 +10,16 @@ The model, top to bottom:
 * **Encoder input.** A ResNet (OFA's: bottleneck blocks, three stages, 1024 channels at stride 16) embeds the
   image; ``image_proj`` maps each of its h x w cells to one token, plus a type embedding (1) and
   ``patch_layernorm_embedding``. Text tokens get their word embedding, a type embedding (0) and
-  ``layernorm_embedding``. Image tokens come first. Positions never enter the token embeddings.
+  ``layernorm_embedding``. Image tokens come first. Positions enter the token embeddings only with
+  ``entangle_position_embedding`` (off in the released models).
 * **Attention.** Every self-attention adds a position bias to its scores: an absolute term
   ``pos_q(pos) . pos_k(pos)`` shared by all layers (layer-normed position embeddings, scaled by
   ``(d / heads * attn_scale_factor) ** -0.5``), plus per-layer relative-position tables: 1-D buckets (linear to
   ``token_bucket_size / 2``, then logarithmic to 1024) over text, 2-D (row, column) offsets over the image
-  grid. Queries are scaled by ``(head_dim * 2) ** -0.5``; NormFormer's per-head scale ``c_attn`` multiplies each
-  head's output, and NormFormer's extra layer norms follow the attention and the FFN's activation.
-* **Decoder.** Word embedding (positions enter through the attention biases only, as in the encoder), causal
+  grid. Queries are scaled by ``(head_dim * attn_scale_factor) ** -0.5`` (factor 2); NormFormer's per-head
+  scale ``c_attn`` multiplies each head's output, and NormFormer's extra layer norms follow the attention and the
+  FFN's activation.
+* **Decoder.** Word embedding (positions enter through the attention biases, as in the encoder), causal
   self-attention with the absolute (``self_pos_*``) and 1-D relative bias, cross-attention with the absolute
   bias between decoder and encoder positions (``cross_pos_*``), output projection tied to the embeddings.
   Positions come from the self-attention cache's length: the cache holds sequence keys only (a prefix never
