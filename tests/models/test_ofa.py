@@ -2,10 +2,12 @@
 padding changes no unpadded logit; cached and uncached decoding (greedy and beam, base and prefixed) give the same
 tokens; the incremental decoder equals the full forward; the released OFA-Sys folder layout (config.json,
 pytorch_model.bin with the port's extra buffers, with and without a ``model.`` prefix, vocab.json + merges.txt)
-round-trips and its errors name the key; parameter groups; the ResNet's BatchNorm statistics never move."""
+round-trips and its errors name the key, and the parameter names and shapes are those of OFA-Sys' own port;
+parameter groups; the ResNet's BatchNorm statistics train only with the tower; drop path."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from ptscale.config import PrefixConfig
 from ptscale.models.groups import group_of
 from ptscale.models.ofa import (
     UNUSED_KEYS,
+    OFAConfig,
+    OFAModel,
     OFAResNet,
     image_buckets,
     load_ofa,
@@ -508,3 +512,14 @@ def test_drop_path_rises_over_the_layers_and_acts_in_training_only():
         torch.manual_seed(0)
         trained = [dropped(**batch).logits for _ in range(4)]
     assert any(not torch.equal(t, trained[0]) for t in trained[1:])  # samples' branches dropped at random
+
+
+def test_parameter_names_and_shapes_are_the_released_ports():
+    """Independent of ptscale's own state dict: the names and shapes OFA-Sys' transformers port gives a tiny
+    resnet50-type OFA (recorded in tests/models/data/ofa_released_keys.json) are ptscale's, but for the bucket tables
+    that port saves and ptscale recomputes."""
+    recorded = json.loads((Path(__file__).parent / "data" / "ofa_released_keys.json").read_text())
+    ours = OFAModel(OFAConfig(**recorded["config"], image_resolution=64)).state_dict()
+    theirs = {k: v for k, v in recorded["keys"].items() if not k.startswith(UNUSED_KEYS)}
+    assert {k: list(v.shape) for k, v in ours.items()} == theirs
+    assert set(recorded["keys"]) - set(theirs) == {k for k in UNUSED_KEYS if not k.endswith(".version")}
