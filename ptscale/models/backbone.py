@@ -367,6 +367,25 @@ def check_checkpoint_dir(path: Path) -> None:
     for f in weights:
         if f.suffix == ".safetensors":
             _check_safetensors(f)
+        else:
+            _check_torch_zip(f)
+
+
+def _check_torch_zip(f: Path) -> None:
+    """A ``pytorch_model.bin`` in torch.save's zip format cut short has no zip directory at its end: one line here
+    instead of an unpickling traceback while loading (opening the directory reads only the file's end). A file in
+    the legacy (pre-1.6) format is left to torch.load."""
+    import zipfile
+
+    from ptscale.errors import DataError
+
+    with open(f, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            return
+    try:
+        zipfile.ZipFile(f).close()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{f}: truncated or corrupt weights file ({e}); copy the checkpoint again") from None
 
 
 def _check_safetensors(f: Path) -> None:

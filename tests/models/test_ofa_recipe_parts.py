@@ -68,7 +68,12 @@ def test_model_path_of_a_released_layout_dry_runs_and_its_mistakes_are_one_line(
         cfg = json.loads((bad / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "image_resolution"}))
 
+    def truncated(bad):  # a copy cut short: torch.save's zip directory (at the end) is missing
+        weights = (bad / "pytorch_model.bin").read_bytes()
+        (bad / "pytorch_model.bin").write_bytes(weights[: len(weights) // 2])
+
     assert_one_line(broken("no-merges", no_merges), 2, "merges.txt")
+    assert_one_line(broken("truncated", truncated), 3, "pytorch_model.bin: truncated or corrupt weights file")
     assert_one_line(broken("layerdrop", layerdrop), 2, "encoder_layerdrop")
     assert_one_line(broken("too-large", too_large), 2, "image_bucket_size")
     assert not (tmp_path / "runs").exists()  # no run directory for a refused recipe
