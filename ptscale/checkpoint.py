@@ -277,3 +277,27 @@ def newest_sound_checkpoint(root: Path) -> Path | None:
         if is_sound(path):
             return path
     return None
+
+
+# --- checkpoints in a released layout (ptscale's own implementations of models transformers lacks) ---------------
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint directory's ``model.safetensors``, else its ``pytorch_model.bin`` (``weights_only``)."""
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], may_lack: set[str], path: Path,
+                 layout: str) -> None:
+    """``state`` into ``model``, refusing a missing key (a silently random weight) other than ``may_lack`` (tied
+    copies) and any key the model does not have, naming them; then the model's tied weights are tied again."""
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state) - may_lack)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not {layout}: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                         f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()

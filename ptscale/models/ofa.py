@@ -50,6 +50,8 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput
 
+from ptscale.checkpoint import load_exactly, read_weights
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "ofa"
@@ -309,20 +311,27 @@ class OFAEncoderLayer(GradientCheckpointingLayer):
     """Pre-norm self-attention and FFN with NormFormer's extra norms (after the attention, after the activation);
     drop path on each residual branch (``encoder_drop_path_rate``, OFA's fine-tuning uses 0.1)."""
 
+    side = "encoder"  # which of the config's encoder_* / decoder_* settings the layer reads
+
     def __init__(self, config: OFAConfig, layer_idx: int) -> None:
         super().__init__()
-        self.drop_path_rate = _drop_rate(config.encoder_drop_path_rate, config.encoder_layers, layer_idx)
+        layers, heads, ffn = (getattr(config, f"{self.side}_{k}") for k in ("layers", "attention_heads", "ffn_dim"))
+        self.drop_path_rate = _drop_rate(getattr(config, f"{self.side}_drop_path_rate"), layers, layer_idx)
         d = config.d_model
-        self.self_attn = OFAAttention(d, config.encoder_attention_heads, config.attention_dropout, layer_idx,
-                                      config.attn_scale_factor)
+        self.self_attn = OFAAttention(d, heads, config.attention_dropout, layer_idx, config.attn_scale_factor)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.self_attn_mid_layer_norm = _norm(d, config.normformer)
-        self.fc1, self.fc2 = nn.Linear(d, config.encoder_ffn_dim), nn.Linear(config.encoder_ffn_dim, d)
-        self.ffn_layer_norm = _norm(config.encoder_ffn_dim, config.normformer)
+        self._add_cross_attention(config, heads, layer_idx)
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.ffn_layer_norm = _norm(ffn, config.normformer)
         self.final_layer_norm = nn.LayerNorm(d)
         self.dropout, self.activation_dropout = nn.Dropout(config.dropout), nn.Dropout(config.activation_dropout)
         self.activation_fn = ACT2FN[config.activation_function]
-        self.normalize_before = config.encoder_normalize_before
+        self.normalize_before = getattr(config, f"{self.side}_normalize_before")
+
+    def _add_cross_attention(self, config: OFAConfig, heads: int, layer_idx: int) -> None:
+        """The encoder's layers have none (registered here, between the self-attention and the FFN, in the decoder:
+        the order the modules are initialised in)."""
 
     def _sublayer(self, x: torch.Tensor, norm: nn.LayerNorm, body) -> torch.Tensor:
         out = body(norm(x) if self.normalize_before else x)
@@ -345,23 +354,13 @@ class OFAEncoderLayer(GradientCheckpointingLayer):
 class OFADecoderLayer(OFAEncoderLayer):
     """Causal self-attention, cross-attention to the encoder, FFN; each pre-norm with NormFormer's mid norm."""
 
-    def __init__(self, config: OFAConfig, layer_idx: int) -> None:
-        nn.Module.__init__(self)
-        self.drop_path_rate = _drop_rate(config.decoder_drop_path_rate, config.decoder_layers, layer_idx)
+    side = "decoder"
+
+    def _add_cross_attention(self, config: OFAConfig, heads: int, layer_idx: int) -> None:
         d = config.d_model
-        heads = config.decoder_attention_heads
-        self.self_attn = OFAAttention(d, heads, config.attention_dropout, layer_idx, config.attn_scale_factor)
-        self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.self_attn_mid_layer_norm = _norm(d, config.normformer)
         self.cross_attn = OFAAttention(d, heads, config.attention_dropout, layer_idx, config.attn_scale_factor)
         self.cross_attn_layer_norm = nn.LayerNorm(d)
         self.cross_attn_mid_layer_norm = _norm(d, config.normformer)
-        self.fc1, self.fc2 = nn.Linear(d, config.decoder_ffn_dim), nn.Linear(config.decoder_ffn_dim, d)
-        self.ffn_layer_norm = _norm(config.decoder_ffn_dim, config.normformer)
-        self.final_layer_norm = nn.LayerNorm(d)
-        self.dropout, self.activation_dropout = nn.Dropout(config.dropout), nn.Dropout(config.activation_dropout)
-        self.activation_fn = ACT2FN[config.activation_function]
-        self.normalize_before = config.decoder_normalize_before
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, attn_bias: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, encoder_mask: torch.Tensor | None, cross_bias: torch.Tensor,
@@ -731,18 +730,9 @@ def read_config(path: str | Path) -> OFAConfig:
     return OFAConfig(**raw)
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """``model.safetensors`` or ``pytorch_model.bin`` (weights only); a leading ``model.`` (the port's
-    ``OFAForConditionalGeneration``) is dropped."""
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(path / "model.safetensors")
-    elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-    return {k.removeprefix("model."): v for k, v in state.items()}
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The directory's weights; a leading ``model.`` (the port's ``OFAForConditionalGeneration``) is dropped."""
+    return {k.removeprefix("model."): v for k, v in read_weights(path).items()}
 
 
 def load_ofa(path: str | Path, dtype: torch.dtype = torch.float32) -> OFAModel:
@@ -750,18 +740,11 @@ def load_ofa(path: str | Path, dtype: torch.dtype = torch.float32) -> OFAModel:
     unexpected key is an error (no silently random weight), except the tied embeddings / output projection."""
     path = Path(path)
     model = OFAModel(read_config(path))
-    state = {k: v for k, v in load_state(path).items() if not k.startswith(UNUSED_KEYS)}
-    expected = set(model.state_dict())
+    state = {k: v for k, v in read_state(path).items() if not k.startswith(UNUSED_KEYS)}
+    # an untied output projection is a weight of its own: it must be there
     tied = set(OFAModel._tied_weights_keys) if model.config.share_decoder_input_output_embed else {
-        "decoder.embed_tokens.weight"}  # an untied output projection is a weight of its own: it must be there
-    missing = sorted(expected - set(state) - tied)
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: not an OFA checkpoint in the released key layout: missing "
-                         f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected "
-                         f"{unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
+        "decoder.embed_tokens.weight"}
+    load_exactly(model, state, tied, path, "an OFA checkpoint in the released key layout")
     # the released configs say use_cache false (fairseq's generator keeps its own cache); decoding here reuses keys
     model.config.use_cache = model.generation_config.use_cache = True
     return model.to(dtype).eval()
@@ -770,8 +753,9 @@ def load_ofa(path: str | Path, dtype: torch.dtype = torch.float32) -> OFAModel:
 # --- the embedded default: tiny-ofa, pre-trained once and cached -----------------------------------------------------
 SEED = 20240601
 BATCH = 32
-# Held-out loss / attribute accuracy of greedy captions after 1200 steps (this machine, 2026-12-06): 2e-3 (the other
-# defaults' rate) 0.72 / 0.00, 1e-3 at batch 64 0.61 / 0.03, 5e-4 0.57 / 0.22; 2400 steps at 5e-4: 0.50.
+# Held-out loss / attribute accuracy of greedy captions (this machine, 2026-12-06, /tmp scripts over
+# pretrain_steps): 600 steps at 2e-3 (the other defaults' rate) 0.72 / 0.00; 1200 steps at 1e-3, batch 64: 0.61 /
+# 0.03, at 5e-4: 0.57 / 0.22 (these three before OFA's initialisation below); 2400 steps at 5e-4: 0.50 / 0.16.
 LR = 5e-4
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's special tokens: <s> 0, <pad> 1, </s> 2, <unk> 3
 

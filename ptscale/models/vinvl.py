@@ -46,6 +46,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertOnlyMLMHead, BertPreTrainedModel
 
+from ptscale.checkpoint import load_exactly, read_weights
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "vinvl"
@@ -365,34 +367,15 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a VinVL directory: ``model.safetensors`` or ``pytorch_model.bin`` (weights only)."""
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
 def load_vinvl(path: str | Path, dtype: torch.dtype = torch.float32) -> VinVLForCaptioning:
     """A VinVL captioner from a directory in the released key layout. Keys the captioner does not use (pooler,
     pre-training heads) are dropped; a missing key is an error (no silently random weight), except the prediction
     head's decoder, which is tied to the word embeddings."""
     path = Path(path)
     model = VinVLForCaptioning(read_config(path))
-    state = {k: v for k, v in load_state(path).items() if not k.startswith(UNUSED_KEYS)}
-    expected = set(model.state_dict())
-    tied = set(VinVLForCaptioning._tied_weights_keys)
-    missing = sorted(expected - set(state) - tied)
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: not a VinVL captioning checkpoint in the released key layout: missing "
-                         f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected "
-                         f"{unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    state = {k: v for k, v in read_weights(path).items() if not k.startswith(UNUSED_KEYS)}
+    load_exactly(model, state, set(VinVLForCaptioning._tied_weights_keys), path,
+                 "a VinVL captioning checkpoint in the released key layout")
     return model.to(dtype).eval()
 
 
